@@ -1,0 +1,1 @@
+"""ctu: feedback-guided RL for tool-using customer-service agents, in JAX."""

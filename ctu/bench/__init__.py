@@ -1,0 +1,1 @@
+"""Benchmarks behind `python -m launch.bench NAME --out=FILE.json`."""
