@@ -16,7 +16,9 @@ _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.", requ
 
 def main(argv):
     if len(argv) != 2 or argv[1] not in BENCHMARKS:
-      raise app.UsageError(f"usage: python -m launch.bench {{{'|'.join(BENCHMARKS)}}} --out=FILE.json")
+        raise app.UsageError(
+            f"usage: python -m launch.bench {{{'|'.join(BENCHMARKS)}}} --out=FILE.json"
+        )
     module = importlib.import_module(f"ctu.bench.{argv[1]}")
     results = module.run(_OUT.value)
     print(json.dumps(results, indent=2))
