@@ -1,0 +1,158 @@
+"""The `<previous_attempts>` block of feedback-guided DAPO.
+
+From rollout index `start_rollout` on, a group's prompt carries the critiques of
+the group's earlier failed rollouts. The block goes into the system turn, which
+the policy reads and the user simulator never sees, and it is never trained on
+(the system turn carries no loss).
+
+Lengths are counted in tokens with the caller's tokenizer; when the block would
+exceed `max_feedback_tokens` the oldest attempts are dropped first, and a single
+critique that is too long on its own is cut at a token boundary.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable, Sequence
+
+ACCUMULATION_MODES = ("all", "last", "summary")
+TRAINING_CONTEXTS = ("augmented", "original")
+
+OPEN_TAG = "<previous_attempts>"
+CLOSE_TAG = "</previous_attempts>"
+_INTRO = "Earlier attempts at this task failed. Learn from their feedback:"
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedbackGuidanceConfig:
+    """`algorithm.feedback_guidance` of a config, validated."""
+
+    enable: bool = True
+    start_rollout: int = 2
+    accumulation_mode: str = "all"
+    max_feedback_tokens: int = 500
+    use_llm_enhancement: bool = False
+    mix: float = 1.0
+    training_context: str = "augmented"
+    shaping_gamma: float = 0.0
+
+    def __post_init__(self):
+        if self.start_rollout < 1:
+            raise ValueError(
+                f"feedback_guidance.start_rollout={self.start_rollout}: rollouts are numbered "
+                "from 1 and rollout 1 has no earlier attempt; use a value >= 2."
+            )
+        if self.accumulation_mode not in ACCUMULATION_MODES:
+            raise ValueError(
+                f"feedback_guidance.accumulation_mode={self.accumulation_mode!r}: "
+                f"choose one of {ACCUMULATION_MODES}."
+            )
+        if self.max_feedback_tokens < 16:
+            raise ValueError(
+                f"feedback_guidance.max_feedback_tokens={self.max_feedback_tokens}: too small "
+                "to hold even one critique; use at least 16."
+            )
+        if not 0.0 <= self.mix <= 1.0:
+            raise ValueError(f"feedback_guidance.mix={self.mix}: a fraction in [0, 1].")
+        if self.training_context not in TRAINING_CONTEXTS:
+            raise ValueError(
+                f"feedback_guidance.training_context={self.training_context!r}: "
+                f"choose one of {TRAINING_CONTEXTS}."
+            )
+        if self.shaping_gamma < 0:
+            raise ValueError(f"feedback_guidance.shaping_gamma={self.shaping_gamma}: must be >= 0.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    """One finished rollout of a group, as later rollouts see it."""
+
+    index: int  # 1-based position in the group
+    score: float
+    feedback: str
+    failure_type: str = ""
+
+
+def failed_attempts(attempts: Sequence[Attempt]) -> list[Attempt]:
+    """Attempts that did not fully succeed, in order."""
+    return [a for a in attempts if a.score < 1.0]
+
+
+def _attempt_text(attempt: Attempt) -> str:
+    return f"Attempt {attempt.index} (score {attempt.score:.2f}): {attempt.feedback.strip()}"
+
+
+def _summary_lines(attempts: Sequence[Attempt]) -> list[str]:
+    """One line per distinct critique, most frequent first, with its count."""
+    counts = collections.Counter(a.feedback.strip() for a in attempts)
+    best = max(a.score for a in attempts)
+    lines = [f"{len(attempts)} earlier attempts failed (best score {best:.2f})."]
+    for feedback, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"- ({n}x) {feedback}")
+    return lines
+
+
+def _truncate_to_tokens(text: str, max_tokens: int, count_tokens: Callable[[str], int]) -> str:
+    """The longest prefix of whole words of `text` that fits in `max_tokens`."""
+    words = text.split(" ")
+    lo, hi = 0, len(words)
+    while lo < hi:  # binary search on the number of words kept
+        mid = (lo + hi + 1) // 2
+        if count_tokens(" ".join(words[:mid]) + " ...") <= max_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return " ".join(words[:lo]) + " ..." if lo < len(words) else text
+
+
+def render_previous_attempts(
+    attempts: Sequence[Attempt],
+    *,
+    mode: str,
+    max_tokens: int,
+    count_tokens: Callable[[str], int],
+) -> str:
+    """The `<previous_attempts>` block for `attempts`.
+
+    Returns "" when no attempt failed or when `max_tokens` cannot hold the
+    tags and any part of a critique.
+
+    Args:
+      attempts: the group's finished earlier rollouts, in order.
+      mode: "all" (every failed attempt), "last" (the most recent failure) or
+        "summary" (distinct critiques with their counts).
+      max_tokens: budget for the whole block, tags included.
+      count_tokens: the policy tokenizer's length function.
+    """
+    if mode not in ACCUMULATION_MODES:
+        raise ValueError(f"accumulation mode {mode!r}: choose one of {ACCUMULATION_MODES}.")
+    failed = failed_attempts(attempts)
+    if not failed:
+        return ""
+    if mode == "last":
+        lines = [_attempt_text(failed[-1])]
+    elif mode == "summary":
+        lines = _summary_lines(failed)
+    else:
+        lines = [_attempt_text(a) for a in failed]
+
+    intro = [_INTRO]
+
+    def block(body: Sequence[str]) -> str:
+        return "\n".join([OPEN_TAG, *intro, *body, CLOSE_TAG])
+
+    # Drop the oldest attempts (for "summary", the rarest critiques, which sort
+    # last) until the block fits; then, if one line alone is too long, cut it.
+    while len(lines) > 1 and count_tokens(block(lines)) > max_tokens:
+        lines = lines[:-1] if mode == "summary" else lines[1:]
+    if count_tokens(block(lines)) > max_tokens and count_tokens(block([""])) > max_tokens // 2:
+        intro = []  # a tight budget is better spent on the critique than on the preamble
+    if count_tokens(block(lines)) > max_tokens:
+        room = max_tokens - count_tokens(block([""]))
+        if room < 1:
+            return ""  # not even the tags fit
+        lines = [_truncate_to_tokens(lines[0], room, count_tokens)]
+        if count_tokens(block(lines)) > max_tokens:
+            return ""  # joining changed the token count at the seam; nothing safe fits
+    return block(lines)
