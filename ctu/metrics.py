@@ -143,8 +143,9 @@ class TensorBoardWriter:
             self._writer.add_text(name, text, global_step=int(step))
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        flat = {k: v if isinstance(v, int | float | str | bool) else str(v)
-                for k, v in hparams.items()}
+        flat = {
+            k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in hparams.items()
+        }
         self._writer.add_hparams(flat, {}, run_name=".")
 
     def flush(self) -> None:
@@ -222,8 +223,9 @@ def create_writer(
         JsonlWriter(os.path.join(workdir, METRICS_FILE), start_step=start_step)
     ]
     if tensorboard:
-        writers.append(TensorBoardWriter(os.path.join(workdir, TENSORBOARD_DIR),
-                                         start_step=start_step))
+        writers.append(
+            TensorBoardWriter(os.path.join(workdir, TENSORBOARD_DIR), start_step=start_step)
+        )
     return MultiWriter(writers)
 
 
@@ -239,8 +241,10 @@ def save_config(workdir: str | os.PathLike, config: Any) -> str:
     elif isinstance(config, Mapping):
         data = dict(config)
     else:
-        raise TypeError(f"cannot save a config of type {type(config).__name__}; "
-                        "pass a ConfigDict, a dataclass or a mapping")
+        raise TypeError(
+            f"cannot save a config of type {type(config).__name__}; "
+            "pass a ConfigDict, a dataclass or a mapping"
+        )
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True, default=str)
@@ -279,8 +283,9 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
-def peak_flops_per_device(device: jax.Device | None = None,
-                          *, override: float | None = None) -> float | None:
+def peak_flops_per_device(
+    device: jax.Device | None = None, *, override: float | None = None
+) -> float | None:
     """Peak bf16 FLOP/s of `device` (default: the first local device), or None if unknown.
 
     `override` (e.g. a configured CPU peak) takes precedence. CPUs have no entry, so MFU
@@ -300,8 +305,9 @@ def peak_flops_per_device(device: jax.Device | None = None,
     return None
 
 
-def train_flops_per_token(*, num_params: int, num_layers: int, num_heads: int,
-                          head_dim: int, seq_len: int) -> float:
+def train_flops_per_token(
+    *, num_params: int, num_layers: int, num_heads: int, head_dim: int, seq_len: int
+) -> float:
     """Training FLOPs per token (forward + backward), PaLM appendix B.
 
     6·N for the matmuls against the N (non-embedding-lookup) parameters plus
@@ -311,8 +317,9 @@ def train_flops_per_token(*, num_params: int, num_layers: int, num_heads: int,
     return 6.0 * num_params + 12.0 * num_layers * num_heads * head_dim * seq_len
 
 
-def mfu(*, tokens_per_s: float, flops_per_token: float, num_devices: int,
-        peak_flops: float | None) -> float | None:
+def mfu(
+    *, tokens_per_s: float, flops_per_token: float, num_devices: int, peak_flops: float | None
+) -> float | None:
     """Achieved FLOP/s over the peak of all devices; None when the peak is unknown."""
     if peak_flops is None:
         return None

@@ -21,16 +21,23 @@ def _tempdir(test):
 
 
 class JsonlWriterTest(absltest.TestCase):
-
     def test_rows_are_appended_and_values_json_safe(self):
         path = os.path.join(_tempdir(self), "metrics.jsonl")
         writer = metrics.JsonlWriter(path)
-        writer.write_scalars(1, {"loss": jax.numpy.float32(0.5), "perf/mfu": None,
-                                 "grad_norm": np.float32("nan"), "n": np.int32(3)})
+        writer.write_scalars(
+            1,
+            {
+                "loss": jax.numpy.float32(0.5),
+                "perf/mfu": None,
+                "grad_norm": np.float32("nan"),
+                "n": np.int32(3),
+            },
+        )
         writer.close()
-        self.assertEqual(metrics.read_jsonl(path),
-                         [{"step": 1, "loss": 0.5, "perf/mfu": None, "grad_norm": None,
-                           "n": 3}])
+        self.assertEqual(
+            metrics.read_jsonl(path),
+            [{"step": 1, "loss": 0.5, "perf/mfu": None, "grad_norm": None, "n": 3}],
+        )
 
     def test_resume_drops_rows_after_the_restored_step_and_torn_lines(self):
         path = os.path.join(_tempdir(self), "metrics.jsonl")
@@ -57,7 +64,6 @@ class JsonlWriterTest(absltest.TestCase):
 
 
 class CreateWriterTest(absltest.TestCase):
-
     def test_writes_jsonl_tensorboard_and_config(self):
         @dataclasses.dataclass(frozen=True)
         class Config:
@@ -71,13 +77,14 @@ class CreateWriterTest(absltest.TestCase):
         writer.close()
         with open(os.path.join(workdir, metrics.CONFIG_FILE)) as f:
             self.assertEqual(json.load(f), {"learning_rate": 1e-3, "name": "smoke"})
-        self.assertEqual(metrics.read_jsonl(os.path.join(workdir, metrics.METRICS_FILE))[0],
-                         {"step": 1, "loss": 2.0, "clip_ratio/high": 0.1})
+        self.assertEqual(
+            metrics.read_jsonl(os.path.join(workdir, metrics.METRICS_FILE))[0],
+            {"step": 1, "loss": 2.0, "clip_ratio/high": 0.1},
+        )
 
         from tensorboard.backend.event_processing import event_accumulator
 
-        events = event_accumulator.EventAccumulator(
-            os.path.join(workdir, metrics.TENSORBOARD_DIR))
+        events = event_accumulator.EventAccumulator(os.path.join(workdir, metrics.TENSORBOARD_DIR))
         events.Reload()
         self.assertIn("clip_ratio/high", events.Tags()["scalars"])
         self.assertAlmostEqual(events.Scalars("loss")[0].value, 2.0)
@@ -88,20 +95,21 @@ class CreateWriterTest(absltest.TestCase):
 
 
 class MfuTest(absltest.TestCase):
-
     def test_flops_per_token_follows_palm(self):
-        flops = metrics.train_flops_per_token(num_params=100, num_layers=2, num_heads=4,
-                                              head_dim=8, seq_len=16)
+        flops = metrics.train_flops_per_token(
+            num_params=100, num_layers=2, num_heads=4, head_dim=8, seq_len=16
+        )
         self.assertEqual(flops, 600 + 12 * 2 * 4 * 8 * 16)
 
     def test_mfu_is_null_on_cpu_unless_a_peak_is_configured(self):
         self.assertIsNone(metrics.peak_flops_per_device(jax.devices("cpu")[0]))
         peak = metrics.peak_flops_per_device(jax.devices("cpu")[0], override=1e12)
         self.assertEqual(
-            metrics.mfu(tokens_per_s=1e3, flops_per_token=1e8, num_devices=2,
-                        peak_flops=peak), 0.05)
-        self.assertIsNone(metrics.mfu(tokens_per_s=1.0, flops_per_token=1.0, num_devices=1,
-                                      peak_flops=None))
+            metrics.mfu(tokens_per_s=1e3, flops_per_token=1e8, num_devices=2, peak_flops=peak), 0.05
+        )
+        self.assertIsNone(
+            metrics.mfu(tokens_per_s=1.0, flops_per_token=1.0, num_devices=1, peak_flops=None)
+        )
 
     def test_known_accelerators_have_a_peak(self):
         class FakeDevice:
