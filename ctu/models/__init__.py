@@ -1,0 +1,7 @@
+"""Flax NNX Qwen2/Qwen3 decoder, ModelConfig presets, KV cache, Hugging Face import/export."""
+
+from ctu.models.cache import KVCache
+from ctu.models.config import PRESETS, ModelConfig
+from ctu.models.qwen import Qwen
+
+__all__ = ["PRESETS", "KVCache", "ModelConfig", "Qwen"]

@@ -1,0 +1,211 @@
+"""Qwen2 / Qwen3 decoder in flax.nnx.
+
+Weights are stored with one axis per named dimension (see ctu/sharding.py for the
+letters), e.g. the query projection is `[d, n, h]`, so every matmul is an einsum whose
+equation names the same dimensions as the weight's partition spec.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ctu.models.cache import KVCache
+from ctu.models.config import ModelConfig
+from ctu.sharding import DEFAULT_RULES, AxisNames, ShardingRules, shard
+
+_init_weight = nnx.initializers.normal(stddev=0.02)
+
+
+def _param(rngs: nnx.Rngs, shape, names: AxisNames, dtype, init=_init_weight) -> nnx.Param:
+    # Sharding is metadata here; `ctu.sharding.create_sharded_model` applies it under a mesh.
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding in the "rotate half" layout of Hugging Face Qwen.
+
+    x: [B, T, heads, H]; positions: [B, T] absolute positions.
+    """
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. q: [B, T, N, H]; k, v: [B, S, K, H]; mask: [B, T, S]."""
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = logits * h**-0.5
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, normalised in float32 as Hugging Face Qwen does."""
+
+    def __init__(self, size: int, names: AxisNames, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.scale = _param(rngs, (size,), names, config.jnp_param_dtype, nnx.initializers.ones)
+        self.eps = config.rms_norm_eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Self-attention with GQA, RoPE, optional q/k/v biases (Qwen2) or q/k norms (Qwen3)."""
+
+    def __init__(self, config: ModelConfig, rules: ShardingRules, *, rngs: nnx.Rngs):
+        d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        dtype = config.jnp_param_dtype
+        self.q_proj = _param(rngs, (d, n, h), rules.q_proj_dnh, dtype)
+        self.k_proj = _param(rngs, (d, k, h), rules.kv_proj_dkh, dtype)
+        self.v_proj = _param(rngs, (d, k, h), rules.kv_proj_dkh, dtype)
+        self.o_proj = _param(rngs, (n, h, d), rules.o_proj_nhd, dtype)
+        if config.qkv_bias:
+            zeros = nnx.initializers.zeros
+            self.q_bias = _param(rngs, (n, h), rules.q_bias_nh, dtype, zeros)
+            self.k_bias = _param(rngs, (k, h), rules.kv_bias_kh, dtype, zeros)
+            self.v_bias = _param(rngs, (k, h), rules.kv_bias_kh, dtype, zeros)
+        else:
+            self.q_bias = self.k_bias = self.v_bias = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(h, rules.norm_h, config, rngs=rngs)
+            self.k_norm = RMSNorm(h, rules.norm_h, config, rngs=rngs)
+        else:
+            self.q_norm = self.k_norm = None
+        self.rope_theta = config.rope_theta
+        self.dtype = config.jnp_dtype
+        self.rules = rules
+
+    def _project(self, x, weight, bias, norm):
+        y = jnp.einsum("btd,dnh->btnh", x, weight[...].astype(self.dtype))
+        if bias is not None:
+            y = y + bias[...].astype(self.dtype)
+        if norm is not None:
+            y = norm(y)
+        return y
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        cache: KVCache | None,
+        layer: int,
+    ) -> tuple[jax.Array, KVCache | None]:
+        q = self._project(x, self.q_proj, self.q_bias, self.q_norm)
+        k = self._project(x, self.k_proj, self.k_bias, self.k_norm)
+        v = self._project(x, self.v_proj, self.v_bias, None)
+        q = shard(apply_rope(q, positions, self.rope_theta), self.rules.act_btnh)
+        k = shard(apply_rope(k, positions, self.rope_theta), self.rules.act_btnh)
+        v = shard(v, self.rules.act_btnh)
+        if cache is not None:
+            cache = cache.update(layer, k, v, positions)
+            k = cache.k[layer].astype(self.dtype)
+            v = cache.v[layer].astype(self.dtype)
+        out = shard(attend(q, k, v, mask), self.rules.act_btnh)
+        return jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(self.dtype)), cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, rules: ShardingRules, *, rngs: nnx.Rngs):
+        d, f, dtype = config.hidden_size, config.intermediate_size, config.jnp_param_dtype
+        self.gate_proj = _param(rngs, (d, f), rules.ffw_df, dtype)
+        self.up_proj = _param(rngs, (d, f), rules.ffw_df, dtype)
+        self.down_proj = _param(rngs, (f, d), rules.ffw_fd, dtype)
+        self.dtype = config.jnp_dtype
+        self.rules = rules
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = jnp.einsum("btd,df->btf", x, self.gate_proj[...].astype(self.dtype))
+        up = jnp.einsum("btd,df->btf", x, self.up_proj[...].astype(self.dtype))
+        hidden = shard(jax.nn.silu(gate) * up, self.rules.act_btf)
+        return jnp.einsum("btf,fd->btd", hidden, self.down_proj[...].astype(self.dtype))
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, config: ModelConfig, rules: ShardingRules, *, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(config.hidden_size, rules.norm_d, config, rngs=rngs)
+        self.attn = Attention(config, rules, rngs=rngs)
+        self.post_attn_norm = RMSNorm(config.hidden_size, rules.norm_d, config, rngs=rngs)
+        self.mlp = MLP(config, rules, rngs=rngs)
+        self.rules = rules
+
+    def __call__(self, x, positions, mask, cache, layer):
+        attn_out, cache = self.attn(self.input_norm(x), positions, mask, cache, layer)
+        x = shard(x + attn_out, self.rules.act_btd)
+        x = shard(x + self.mlp(self.post_attn_norm(x)), self.rules.act_btd)
+        return x, cache
+
+
+class Qwen(nnx.Module):
+    """Qwen2/Qwen3 causal language model.
+
+    `model(tokens)` is the training forward: tokens int32 [B, T] -> float32 logits
+    [B, T, V], positions 0..T-1, causal. `model(tokens, positions=p, cache=c)` returns
+    (logits, cache) following the KVCache contract (ctu/models/cache.py).
+    """
+
+    def __init__(
+        self, config: ModelConfig, *, rngs: nnx.Rngs, rules: ShardingRules = DEFAULT_RULES
+    ):
+        v, d = config.vocab_size, config.hidden_size
+        self.config = config
+        self.rules = rules
+        self.embed = _param(rngs, (v, d), rules.embed_vd, config.jnp_param_dtype)
+        self.layers = nnx.List([Block(config, rules, rngs=rngs) for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm(d, rules.norm_d, config, rngs=rngs)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = _param(rngs, (d, v), rules.lm_head_dv, config.jnp_param_dtype)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ):
+        batch, length = tokens.shape
+        dtype = self.config.jnp_dtype
+        if positions is None:
+            if cache is not None:
+                raise ValueError("A call with a cache needs positions [B, T] (absolute slots).")
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        if cache is None:
+            mask = jnp.tril(jnp.ones((length, length), bool))[None]
+        else:
+            slots = jnp.arange(cache.max_len, dtype=positions.dtype)
+            mask = slots[None, None, :] <= positions[:, :, None]
+
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        x = shard(x, self.rules.act_btd)
+        for layer, block in enumerate(self.layers):
+            x, cache = block(x, positions, mask, cache, layer)
+        x = self.final_norm(x)
+
+        if self.lm_head is None:
+            head, equation = self.embed[...], "btd,vd->btv"
+        else:
+            head, equation = self.lm_head[...], "btd,dv->btv"
+        logits = jnp.einsum(equation, x, head.astype(dtype), preferred_element_type=jnp.float32)
+        logits = shard(logits, self.rules.act_btv)
+        return logits if cache is None else (logits, cache)
