@@ -45,6 +45,7 @@ class ShardingRules:
     norm_d: AxisNames = (None,)
     norm_h: AxisNames = (None,)
     # Activations.
+    embed_lookup_vd: AxisNames = ("tensor", None)
     act_btd: AxisNames = (BATCH_AXES, None, None)
     act_btnh: AxisNames = (BATCH_AXES, None, "tensor", None)
     act_btf: AxisNames = (BATCH_AXES, None, "tensor")
@@ -62,22 +63,18 @@ def make_mesh(mesh_config: Mapping[str, int] | Any, devices=None) -> Mesh:
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = [int(mesh_config[name]) for name in MESH_AXES]
+    asked = dict(zip(MESH_AXES, sizes, strict=True))
     if sizes.count(-1) > 1 or any(size == 0 or size < -1 for size in sizes):
-        raise ValueError(
-            f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive, with at most one -1."
-        )
+        raise ValueError(f"mesh {asked}: sizes must be positive, with at most one -1.")
     known = math.prod(size for size in sizes if size != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(
-                f"mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices are not a "
-                f"multiple of {known}."
-            )
+            raise ValueError(f"mesh {asked}: {len(devices)} devices are not a multiple of {known}.")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
         raise ValueError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-            f"found {len(devices)}; use -1 for one axis to take the rest."
+            f"mesh {asked} needs {math.prod(sizes)} devices, found {len(devices)}; "
+            "use -1 for one axis to take the rest."
         )
     # Auto axes: shardings are hints to the compiler, constraints placed where they matter.
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
@@ -88,7 +85,7 @@ def fit_spec(names: AxisNames, shape: tuple[int, ...], mesh_shape: Mapping[str, 
     if len(names) != len(shape):
         raise ValueError(f"sharding {names} has {len(names)} dims, array has shape {shape}.")
     fitted = []
-    for axes, size in zip(names, shape):
+    for axes, size in zip(names, shape, strict=True):
         axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
         kept = []
         for axis in axes:

@@ -196,7 +196,9 @@ class Qwen(nnx.Module):
             slots = jnp.arange(cache.max_len, dtype=positions.dtype)
             mask = slots[None, None, :] <= positions[:, :, None]
 
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        # Gather from a table whole along d (as FSDP gathers every weight before use).
+        table = shard(self.embed[...], self.rules.embed_lookup_vd)
+        x = jnp.take(table, tokens, axis=0).astype(dtype)
         x = shard(x, self.rules.act_btd)
         for layer, block in enumerate(self.layers):
             x, cache = block(x, positions, mask, cache, layer)
