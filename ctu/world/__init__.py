@@ -1,0 +1,1 @@
+"""The simulated world: data, simulators, tools, environment, reward (pure Python)."""
