@@ -1,0 +1,181 @@
+"""The two jitted steps of the sampler: append (prefill) and decode.
+
+`append_step` feeds a right-padded chunk of new tokens per row into the KV cache and
+samples each row's first new token from the logits at its last real token. `decode_step`
+then runs the whole decode loop inside one `jax.lax.while_loop`: each iteration feeds
+one token per row at its next slot and samples the next one, until every row has
+sampled a stop token, reached `max_new_tokens`, or filled its cache.
+
+Both take the model as (graphdef, state): the graphdef and the `SamplingConfig` are
+static, the state (weights) is a traced argument, so new weights after an RL step reuse
+the compiled code. The cache is donated and updated in place.
+
+Slot conventions (docs/architecture.md, KV-cache contract): slots are absolute
+positions. A row's `lengths[b]` slots hold its history; everything from slot
+`lengths[b]` on is scratch that causality hides and later writes overwrite, so padding
+and finished rows may write there freely (writes past the end are dropped).
+"""
+
+import collections
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ctu.sampling.filters import sample_tokens
+from ctu.sampling.settings import SamplingConfig
+
+# Number of times each step was traced (i.e. compiled), for tests and benchmarks.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+STOP_REASON_STOP = 1
+STOP_REASON_LENGTH = 2
+
+
+def _is_stop(tokens: jax.Array, config: SamplingConfig) -> jax.Array:
+    if not config.stop_token_ids:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.isin(tokens, jnp.asarray(config.stop_token_ids, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("cache",))
+def append_step(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    cache,
+    tokens: jax.Array,
+    positions: jax.Array,
+    num_new: jax.Array,
+    rng: jax.Array,
+    config: SamplingConfig,
+):
+    """Feeds a chunk and samples the first new token of every row.
+
+    Args:
+      graphdef, state: the model, split with `nnx.split`.
+      cache: the `KVCache` (donated).
+      tokens: int32 `[batch, chunk]`, right-padded.
+      positions: int32 `[batch, chunk]`, the slot of every token (`lengths[b] + t`).
+      num_new: int32 `[batch]`, real tokens per row; rows with 0 are not sampled from
+        (their sample is garbage and must be ignored).
+      rng: PRNG key for this call.
+      config: sampling settings.
+
+    Returns:
+      (cache, first_tokens int32 `[batch]`, first_logprobs float32 `[batch]`).
+    """
+    TRACE_COUNTS["append_step"] += 1
+    chex.assert_rank([tokens, positions, num_new], [2, 2, 1])
+    chex.assert_equal_shape([tokens, positions])
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(tokens, positions=positions, cache=cache)
+    last = jnp.clip(num_new - 1, 0, tokens.shape[1] - 1)
+    last_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+    first_tokens, first_logprobs = sample_tokens(rng, last_logits, config)
+    return cache, first_tokens, first_logprobs
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("cache",))
+def decode_step(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    cache,
+    first_tokens: jax.Array,
+    first_logprobs: jax.Array,
+    lengths: jax.Array,
+    active: jax.Array,
+    rng: jax.Array,
+    config: SamplingConfig,
+):
+    """Decodes up to `config.max_new_tokens` tokens per active row in one while_loop.
+
+    Args:
+      graphdef, state: the model, split with `nnx.split`.
+      cache: the `KVCache` (donated); `cache.k.shape[2]` is the slot capacity.
+      first_tokens, first_logprobs: `[batch]`, from `append_step`.
+      lengths: int32 `[batch]`, slots filled per row after the append.
+      active: bool `[batch]`, rows that sample in this call.
+      rng: PRNG key for this call (must differ from the one given to `append_step`).
+      config: sampling settings.
+
+    Returns:
+      A dict of `cache`, `tokens` int32 `[batch, max_new_tokens]` (0 past `num_tokens`),
+      `logprobs` float32 (same shape, 0 past `num_tokens`), `num_tokens` int32 `[batch]`,
+      `lengths` int32 `[batch]` (slots filled; the last sampled token is not yet fed) and
+      `stop_reason` int32 `[batch]` (STOP_REASON_STOP | STOP_REASON_LENGTH, 0 if inactive).
+    """
+    TRACE_COUNTS["decode_step"] += 1
+    chex.assert_rank([first_tokens, first_logprobs, lengths, active], 1)
+    batch, capacity, budget = first_tokens.shape[0], cache.k.shape[2], config.max_new_tokens
+    model = nnx.merge(graphdef, state)
+
+    def can_continue(running, num_tokens, lengths):
+        # The next token needs a free slot for the one just sampled.
+        return running & (num_tokens < budget) & (lengths < capacity)
+
+    out_tokens = (
+        jnp.zeros((batch, budget), jnp.int32).at[:, 0].set(jnp.where(active, first_tokens, 0))
+    )
+    out_logprobs = (
+        jnp.zeros((batch, budget), jnp.float32).at[:, 0].set(jnp.where(active, first_logprobs, 0.0))
+    )
+    num_tokens = active.astype(jnp.int32)
+    stopped = active & _is_stop(first_tokens, config)
+    running = can_continue(active & ~stopped, num_tokens, lengths)
+
+    def cond(carry):
+        step, *_, running, _ = carry
+        return (step < budget) & jnp.any(running)
+
+    def body(carry):
+        step, cache, last, lengths, out_tokens, out_logprobs, num_tokens, running, stopped = carry
+        # Rows that are not running write their token into their first scratch slot.
+        logits, cache = model(last[:, None], positions=lengths[:, None], cache=cache)
+        tokens, logprobs = sample_tokens(jax.random.fold_in(rng, step), logits[:, 0], config)
+        out_tokens = out_tokens.at[:, step].set(jnp.where(running, tokens, 0))
+        out_logprobs = out_logprobs.at[:, step].set(jnp.where(running, logprobs, 0.0))
+        lengths = lengths + running
+        num_tokens = num_tokens + running
+        hit_stop = running & _is_stop(tokens, config)
+        stopped = stopped | hit_stop
+        last = jnp.where(running, tokens, last)
+        running = can_continue(running & ~hit_stop, num_tokens, lengths)
+        return (
+            step + 1,
+            cache,
+            last,
+            lengths,
+            out_tokens,
+            out_logprobs,
+            num_tokens,
+            running,
+            stopped,
+        )
+
+    carry = (
+        1,
+        cache,
+        first_tokens,
+        lengths,
+        out_tokens,
+        out_logprobs,
+        num_tokens,
+        running,
+        stopped,
+    )
+    _, cache, _, lengths, out_tokens, out_logprobs, num_tokens, _, stopped = jax.lax.while_loop(
+        cond, body, carry
+    )
+    stop_reason = jnp.where(
+        active, jnp.where(stopped, STOP_REASON_STOP, STOP_REASON_LENGTH), 0
+    ).astype(jnp.int32)
+    return dict(
+        cache=cache,
+        tokens=out_tokens,
+        logprobs=out_logprobs,
+        num_tokens=num_tokens,
+        lengths=lengths,
+        stop_reason=stop_reason,
+    )

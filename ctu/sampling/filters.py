@@ -1,0 +1,84 @@
+"""The sampling distribution: temperature, top-k, top-p; sampling and log-probs.
+
+Pure functions on logits `[batch, vocab]`, used inside the jitted decode loop. The
+distribution sampled from is softmax(logits / temperature) restricted to the top-k
+tokens, then to the smallest prefix (by descending probability) whose mass reaches
+top_p, and renormalised. Reported log-probs are under that distribution; see
+`SamplingConfig` for greedy decoding.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from ctu.sampling.settings import SamplingConfig
+
+
+def _sorted_candidates(logits: jax.Array, config: SamplingConfig):
+    """Candidate logits (descending) and their vocab ids, outside the support set to -inf."""
+    vocab = logits.shape[-1]
+    k = min(config.top_k, vocab) if config.top_k > 0 else vocab
+    values, ids = jax.lax.top_k(logits / config.temperature, k)
+    if config.top_p < 1.0:
+        probs = jax.nn.softmax(values, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # Keep a token while the mass of the more likely ones is still short of top_p;
+        # the most likely token always stays.
+        keep = mass_before < config.top_p
+        keep = keep.at[..., 0].set(True)
+        values = jnp.where(keep, values, -jnp.inf)
+    return values, ids
+
+
+def sample_tokens(
+    rng: jax.Array, logits: jax.Array, config: SamplingConfig
+) -> tuple[jax.Array, jax.Array]:
+    """Samples one token per row.
+
+    Args:
+      rng: a PRNG key.
+      logits: float `[batch, vocab]`, the model's raw next-token logits.
+      config: sampling settings.
+
+    Returns:
+      tokens int32 `[batch]` and their log-probs float32 `[batch]` under the sampling
+      distribution (raw log_softmax(logits) for greedy decoding).
+    """
+    chex.assert_rank(logits, 2)
+    logits = logits.astype(jnp.float32)
+    if config.greedy:
+        tokens = jnp.argmax(logits, axis=-1)
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
+        chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+        return tokens.astype(jnp.int32), chosen
+    if not config.filtered:
+        scaled = logits / config.temperature
+        tokens = jax.random.categorical(rng, scaled, axis=-1)
+        logprobs = jax.nn.log_softmax(scaled, axis=-1)
+        chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+        return tokens.astype(jnp.int32), chosen
+    values, ids = _sorted_candidates(logits, config)
+    choice = jax.random.categorical(rng, values, axis=-1)
+    logprobs = jax.nn.log_softmax(values, axis=-1)
+    chosen = jnp.take_along_axis(logprobs, choice[:, None], axis=-1)[:, 0]
+    tokens = jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
+    return tokens.astype(jnp.int32), chosen
+
+
+def sampling_logprobs(logits: jax.Array, config: SamplingConfig) -> jax.Array:
+    """Log-probs `[batch, vocab]` of the sampling distribution; -inf outside its support.
+
+    For greedy decoding this is the raw log_softmax(logits), matching what
+    `sample_tokens` reports.
+    """
+    chex.assert_rank(logits, 2)
+    logits = logits.astype(jnp.float32)
+    if config.greedy:
+        return jax.nn.log_softmax(logits, axis=-1)
+    if not config.filtered:
+        return jax.nn.log_softmax(logits / config.temperature, axis=-1)
+    values, ids = _sorted_candidates(logits, config)
+    dense = jnp.full(logits.shape, -jnp.inf, jnp.float32)
+    return jnp.put_along_axis(
+        dense, ids, jax.nn.log_softmax(values, axis=-1), axis=-1, inplace=False
+    )

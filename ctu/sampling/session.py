@@ -1,0 +1,213 @@
+"""Multi-turn sampling sessions: per-row KV caches that grow turn by turn.
+
+A `Session` owns a KV cache of `batch_size` rows (padded to a power of two) and
+`max_len` slots. Each `generate(appends, params, rng)` call appends new tokens to the
+rows that take part (the prompt on the first call; tool output or the user's reply
+later), then samples a reply for each of them, continuing from the cache: a multi-turn
+rollout never re-prefills its history.
+
+Bookkeeping per row: `lengths[b]` slots of the cache hold the history fed so far; the
+last sampled token is *pending* (not yet fed) and is fed first at the row's next append,
+so the sampled tokens are part of the history exactly as sampled (token in, token out).
+
+Compiles: the append step once per append-length bucket (powers of two up to
+`max_len`), the decode loop once; both are shared by all sessions with the same model
+structure, shapes and `SamplingConfig`, and are reused when the weights change.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from ctu.models import KVCache
+from ctu.sampling import engine
+from ctu.sampling.buckets import append_bucket, batch_bucket
+from ctu.sampling.settings import SamplingConfig
+
+STOP = "stop"
+LENGTH = "length"
+_REASONS = {engine.STOP_REASON_STOP: STOP, engine.STOP_REASON_LENGTH: LENGTH}
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What one `Session.generate` call sampled.
+
+    Attributes:
+      tokens: int32 `[batch_size, max_new_tokens]`, row b's sampled ids in
+        `tokens[b, :num_tokens[b]]` (the stop token included), 0 after.
+      logprobs: float32, same shape: log-prob of each sampled token under the sampling
+        distribution (see `SamplingConfig`), 0 after `num_tokens[b]`.
+      num_tokens: int32 `[batch_size]`.
+      stop_reasons: per row "stop" (sampled a stop token), "length" (hit
+        max_new_tokens or the cache is full; 0 tokens if the append did not fit), or
+        None for rows that took no part in the call.
+    """
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    num_tokens: np.ndarray
+    stop_reasons: tuple[str | None, ...]
+
+    def row_tokens(self, row: int) -> list[int]:
+        return self.tokens[row, : self.num_tokens[row]].tolist()
+
+    def row_logprobs(self, row: int) -> np.ndarray:
+        return self.logprobs[row, : self.num_tokens[row]]
+
+
+class Session:
+    """Per-row KV caches for multi-turn sampling with one model structure."""
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        *,
+        batch_size: int,
+        max_len: int,
+        sampling: SamplingConfig,
+        cache_dtype=None,
+        min_append_bucket: int = 16,
+    ):
+        """Creates an empty session.
+
+        Args:
+          model: a `ctu.models.Qwen`; only its structure and config are kept, the
+            weights are passed to every `generate` call.
+          batch_size: number of rows (conversations).
+          max_len: cache slots per row: the longest conversation, in tokens.
+          sampling: sampling settings.
+          cache_dtype: KV cache dtype; default the model's `KVCache.init` default.
+          min_append_bucket: smallest padded append length.
+        """
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2 tokens, got {max_len}.")
+        if min_append_bucket < 1:
+            raise ValueError(f"min_append_bucket must be >= 1, got {min_append_bucket}.")
+        self.sampling = sampling
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.min_append_bucket = min_append_bucket
+        self.model_config = model.config
+        self.graphdef = nnx.graphdef(model)
+        self._rows = batch_bucket(batch_size)
+        cache_kwargs = {} if cache_dtype is None else {"dtype": cache_dtype}
+        self._cache = KVCache.init(
+            self.model_config, batch=self._rows, max_len=max_len, **cache_kwargs
+        )
+        self._lengths = np.zeros(self._rows, np.int32)
+        self._pending: list[int | None] = [None] * self._rows
+        self._history: list[list[int]] = [[] for _ in range(batch_size)]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens fed into each row's cache (not counting the pending sampled token)."""
+        return self._lengths[: self.batch_size].copy()
+
+    def history(self, row: int) -> list[int]:
+        """Every token of row `row` so far, appended and sampled, in order."""
+        return list(self._history[row])
+
+    def generate(
+        self,
+        appends: Sequence[Sequence[int] | None],
+        params: nnx.State | nnx.Module,
+        rng: jax.Array,
+    ) -> Generation:
+        """Appends tokens to each taking-part row and samples its continuation.
+
+        Args:
+          appends: one entry per row: the new token ids to append (the prompt on the
+            first call), or None for a row that takes no part in this call (e.g. its
+            episode is over). An empty list continues a row from its pending token.
+          params: the current weights, `nnx.state(model)` (or the model itself); a new
+            state with the same structure does not recompile.
+          rng: PRNG key; the same key, weights and inputs give the same samples.
+
+        Returns:
+          A `Generation`. A row whose append does not fit in its `max_len` slots gets 0
+          tokens and stop reason "length", and its append is dropped.
+        """
+        if len(appends) != self.batch_size:
+            raise ValueError(f"appends has {len(appends)} rows, the session has {self.batch_size}.")
+        if isinstance(params, nnx.Module):
+            params = nnx.state(params)
+        vocab = self.model_config.vocab_size
+        chunks: dict[int, list[int]] = {}
+        overflow = set()
+        for row, new in enumerate(appends):
+            if new is None:
+                continue
+            new = [int(t) for t in new]
+            if any(not 0 <= t < vocab for t in new):
+                raise ValueError(f"row {row}: token ids must be in [0, {vocab}), got {new}.")
+            pending = self._pending[row]
+            chunk = ([] if pending is None else [pending]) + new
+            if not chunk:
+                raise ValueError(f"row {row} has no token to continue from: give its prompt first.")
+            if self._lengths[row] + len(chunk) > self.max_len:
+                overflow.add(row)
+                continue
+            chunks[row] = chunk
+            self._history[row].extend(new)
+
+        budget = self.sampling.max_new_tokens
+        stop_reasons = [LENGTH if row in overflow else None for row in range(self.batch_size)]
+        tokens = np.zeros((self.batch_size, budget), np.int32)
+        logprobs = np.zeros((self.batch_size, budget), np.float32)
+        num_tokens = np.zeros(self.batch_size, np.int32)
+        if not chunks:
+            return Generation(tokens, logprobs, num_tokens, tuple(stop_reasons))
+
+        width = append_bucket(
+            max(len(c) for c in chunks.values()),
+            minimum=self.min_append_bucket,
+            maximum=self.max_len,
+        )
+        chunk_tokens = np.zeros((self._rows, width), np.int32)
+        num_new = np.zeros(self._rows, np.int32)
+        for row, chunk in chunks.items():
+            chunk_tokens[row, : len(chunk)] = chunk
+            num_new[row] = len(chunk)
+        positions = self._lengths[:, None] + np.arange(width, dtype=np.int32)[None, :]
+        active = num_new > 0
+
+        rng_append, rng_decode = jax.random.split(rng)
+        self._cache, first_tokens, first_logprobs = engine.append_step(
+            self.graphdef,
+            params,
+            self._cache,
+            chunk_tokens,
+            positions,
+            num_new,
+            rng_append,
+            config=self.sampling,
+        )
+        out = engine.decode_step(
+            self.graphdef,
+            params,
+            self._cache,
+            first_tokens,
+            first_logprobs,
+            self._lengths + num_new,
+            active,
+            rng_decode,
+            config=self.sampling,
+        )
+        self._cache = out.pop("cache")
+        out = jax.device_get(out)
+
+        self._lengths = np.asarray(out["lengths"], np.int32).copy()
+        for row in chunks:
+            n = int(out["num_tokens"][row])
+            sampled = out["tokens"][row, :n]
+            self._history[row].extend(sampled.tolist())
+            self._pending[row] = int(sampled[-1])
+            tokens[row, :n] = sampled
+            logprobs[row, :n] = out["logprobs"][row, :n]
+            num_tokens[row] = n
+            stop_reasons[row] = _REASONS[int(out["stop_reason"][row])]
+        return Generation(tokens, logprobs, num_tokens, tuple(stop_reasons))
