@@ -1,0 +1,246 @@
+"""Feedback on an episode: rule-based templates, optional LLM rewrite with a cache.
+
+Rule-based feedback is the default: one sentence per failure type that says
+what went wrong and what to do next, naming fields, departments, numbers and
+prerequisites, then one short note per other penalty. Failure-type strings are
+the constants in ctu/world/reward.py (kept as literals here to avoid a cycle).
+
+`LLMFeedback` rewrites that text through an OpenAI-compatible
+`/chat/completions` endpoint (plain urllib), caches answers on disk keyed by
+the request, and falls back to the rule-based text on any error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import urllib.request
+from collections.abc import Mapping
+
+from ctu.world import data
+
+# LLM feedback is capped at this many tokens (SPEC: <= 100).
+MAX_LLM_FEEDBACK_TOKENS = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedbackContext:
+    """Everything the templates need, from reward._summarize."""
+
+    failure_type: str
+    task: data.Task
+    world: data.World
+    collected: frozenset
+    requested: frozenset
+    searches: tuple
+    calls: tuple  # phone.CallResult, in order
+    served: frozenset
+    invalid: tuple  # error messages of malformed calls
+    penalties: Mapping[str, float]  # failure type -> penalty, only those > 0
+
+
+def _fields(fields) -> str:
+    ordered = [f for f in data.AUTH_FIELDS if f in set(fields)]
+    return ", ".join(ordered) if ordered else "none"
+
+
+def _dept(ctx: FeedbackContext, department_id: str) -> str:
+    d = ctx.world.departments[department_id]
+    company = ctx.world.companies[ctx.world.department_company[department_id]]
+    return f"{company.name} {d.name} ({d.phone_number})"
+
+
+def _pending(ctx: FeedbackContext) -> list[str]:
+    return [r.department_id for r in ctx.task.requests if r.department_id not in ctx.served]
+
+
+def _last_failed_call(ctx: FeedbackContext):
+    return next((c for c in reversed(ctx.calls) if c.status != "served"), None)
+
+
+def _success(ctx):
+    return "Task completed correctly: one form with exactly the needed details, the right departments in order, and a report to the user."  # noqa: E501
+
+
+def _malformed(ctx):
+    return f"Your tool call could not run: {ctx.invalid[0]} Call a listed tool with JSON arguments that match its schema."  # noqa: E501
+
+
+def _unknown_company(ctx):
+    name = ctx.world.companies[ctx.task.company_id].name
+    tried = ", ".join(f"'{q[:60]}'" for q in ctx.searches[:3])
+    did = f"Your searches ({tried}) did not find it." if tried else "You never searched for it."
+    return f"The user needs {name}. {did} Call search_company with the company the user named, e.g. '{name}'."  # noqa: E501
+
+
+def _missing_auth(ctx):
+    needed = set(ctx.task.required_auth_fields)
+    missing = needed - ctx.collected
+    call = _last_failed_call(ctx)
+    if not missing and call is not None and call.auth is not None:
+        return f"Your call to {_dept(ctx, call.department_id)} lacked {_fields(call.auth.missing)}; pass every field the department requires in auth_info."  # noqa: E501
+    depts = ", ".join(_dept(ctx, r.department_id) for r in ctx.task.requests)
+    return f"You never collected {_fields(missing)} from the user, which {depts} require(s). Ask for all needed fields ({_fields(needed)}) in a single auth_info_form call before phoning."  # noqa: E501
+
+
+def _wrong_value(ctx):
+    call = _last_failed_call(ctx)
+    return f"The {_fields(call.auth.wrong)} you gave {_dept(ctx, call.department_id)} did not match the user's records; pass the values exactly as the user gave them."  # noqa: E501
+
+
+def _unknown_number(ctx):
+    pending = _pending(ctx)
+    target = f" The department you need next is {_dept(ctx, pending[0])}." if pending else ""
+    return f"You dialled a number that is not in service.{target} Use the numbers search_company returns."  # noqa: E501
+
+
+def _wrong_department(ctx):
+    call = _last_failed_call(ctx)
+    pending = _pending(ctx)
+    right = _dept(ctx, pending[0]) if pending else "none"
+    return f"{_dept(ctx, call.department_id)} does not handle this request. The right department is {right}; match the request to the department descriptions."  # noqa: E501
+
+
+def _wrong_order(ctx):
+    call = _last_failed_call(ctx)
+    d = ctx.world.departments[call.department_id]
+    missing = [p for p in d.prerequisites if p not in ctx.served] or list(d.prerequisites)
+    prereq = ", ".join(_dept(ctx, p) for p in missing)
+    return f"{_dept(ctx, call.department_id)} requires that you reach {prereq} first. Call the prerequisite department before {d.name}."  # noqa: E501
+
+
+def _repeated_form(ctx):
+    return f"You used auth_info_form more than once. Ask for every needed field ({_fields(ctx.task.required_auth_fields)}) in one form."  # noqa: E501
+
+
+def _over_collection(ctx):
+    extra = ctx.requested - set(ctx.task.required_auth_fields)
+    return f"You asked the user for {_fields(extra)}, which no department in this task needs; ask only for {_fields(ctx.task.required_auth_fields)}."  # noqa: E501
+
+
+def _oversharing(ctx):
+    call = next(c for c in ctx.calls if c.auth and c.auth.extra)
+    return f"You gave {_dept(ctx, call.department_id)} details it does not need ({_fields(call.auth.extra)}); pass each department only its required fields."  # noqa: E501
+
+
+def _needless_calls(ctx):
+    failed = sum(c.status != "served" for c in ctx.calls)
+    return f"You made {failed} phone call(s) or repeated searches that achieved nothing; plan the calls from the search result and call each department once."  # noqa: E501
+
+
+def _no_report(ctx):
+    return "Every request was handled, but you never reported back to the user; finish with a short summary message (respond)."  # noqa: E501
+
+
+def _incomplete(ctx):
+    pending = ", ".join(_dept(ctx, p) for p in _pending(ctx))
+    return f"You stopped before finishing: {pending} still needed a call. Keep going until every request is served, then report to the user."  # noqa: E501
+
+
+TEMPLATES = {
+    "success": _success,
+    "malformed_tool_call": _malformed,
+    "unknown_company": _unknown_company,
+    "missing_auth": _missing_auth,
+    "wrong_auth_value": _wrong_value,
+    "unknown_number": _unknown_number,
+    "wrong_department": _wrong_department,
+    "wrong_order": _wrong_order,
+    "repeated_form": _repeated_form,
+    "over_collection": _over_collection,
+    "oversharing": _oversharing,
+    "needless_calls": _needless_calls,
+    "no_final_report": _no_report,
+    "incomplete": _incomplete,
+}
+
+
+def rule_based_feedback(ctx: FeedbackContext) -> str:
+    """The main template, then one note per other penalty the episode incurred."""
+    parts = [TEMPLATES[ctx.failure_type](ctx)]
+    for kind in ctx.penalties:
+        if kind != ctx.failure_type:
+            parts.append("Also: " + TEMPLATES[kind](ctx))
+    return " ".join(parts)
+
+
+# ---- optional LLM enhancement ----------------------------------------------------------
+
+_SYSTEM = (
+    "You coach a customer-service agent that uses tools. Rewrite the critique below "
+    "in at most 100 tokens: reference the agent's actions, say why they failed and what "
+    "to do next. Keep every field name, department, phone number and company name."
+)
+
+
+def action_summary(trajectory) -> str:
+    """One line per agent action, for the LLM prompt."""
+    lines = []
+    for step in trajectory.steps:
+        args = json.dumps(step.arguments, sort_keys=True, default=str)[:200]
+        lines.append(f"{step.name}({args}) -> {step.observation[:160]}")
+    return "\n".join(lines)
+
+
+class LLMFeedback:
+    """Rewrites rule-based feedback with an OpenAI-compatible endpoint; cached on disk."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        cache_dir: str,
+        api_key: str | None = None,
+        timeout_s: float = 30.0,
+    ):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.cache_dir = cache_dir
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+        os.makedirs(cache_dir, exist_ok=True)
+
+    def enhance(self, rule_feedback: str, trajectory) -> str:
+        """The rewritten feedback, or `rule_feedback` if the endpoint fails."""
+        request = {
+            "model": self.model,
+            "max_tokens": MAX_LLM_FEEDBACK_TOKENS,
+            "temperature": 0.0,
+            "messages": [
+                {"role": "system", "content": _SYSTEM},
+                {
+                    "role": "user",
+                    "content": f"Actions:\n{action_summary(trajectory)}\n\nCritique: {rule_feedback}",
+                },
+            ],
+        }
+        body = json.dumps(request, sort_keys=True).encode()
+        path = os.path.join(self.cache_dir, hashlib.sha256(body).hexdigest() + ".json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)["feedback"]
+        try:
+            text = self._post(body)
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            return rule_feedback  # the endpoint is optional; never fail an episode on it
+        text = " ".join(text.split()[:MAX_LLM_FEEDBACK_TOKENS])  # guard if max_tokens is ignored
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"feedback": text}, f)
+        os.replace(tmp, path)
+        return text
+
+    def _post(self, body: bytes) -> str:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        with urllib.request.urlopen(req, timeout=self.timeout_s) as response:
+            reply = json.loads(response.read().decode("utf-8"))
+        text = reply["choices"][0]["message"]["content"].strip()
+        if not text:
+            raise ValueError("empty completion")
+        return text
