@@ -29,7 +29,7 @@ logp and old_logp. Setting `guided_objective`:
   * "clip": guided tokens use the clipped objective above, with the same
     eps_low / eps_high (and dual-clip) as every other token. The loss is then the
     same as without `guided`; only the `guided/*` metrics are added.
-  * "shaped": policy shaping (LUFFY, arXiv 2504.14945, eq. 6; Critique-GRPO):
+  * "shaped": policy shaping (LUFFY, arXiv 2504.14945, sec. 3; Critique-GRPO):
     guided tokens use f(r) A with f(r) = r / (r + gamma) and NO clipping, the
     regularised importance sampling that keeps gradients alive for tokens the
     critique made likely (f'(r) = gamma / (r + gamma)^2 favours low-r tokens).
@@ -185,7 +185,7 @@ def make_settings(name: str, **settings) -> ClipSettings:
 
 @register_loss("dapo", DapoSettings)
 def dapo_aggregate(token_loss: Array, mask: Array, settings: DapoSettings):
-    """Token-mean over all response tokens of the batch (DAPO eq. 8).
+    """Token-mean over all response tokens of the batch (DAPO sec. 3.3).
 
     L = sum_i sum_t l_{i,t} m_{i,t} / sum_i sum_t m_{i,t}
     """
@@ -210,7 +210,7 @@ def grpo_aggregate(token_loss: Array, mask: Array, settings: GrpoSettings):
 
 @register_loss("dr_grpo", DrGrpoSettings)
 def dr_grpo_aggregate(token_loss: Array, mask: Array, settings: DrGrpoSettings):
-    """Token sum over a constant generation budget, mean over sequences (Dr. GRPO eq. 3).
+    """Token sum over a constant generation budget, mean over sequences (Dr. GRPO, arXiv 2503.20783).
 
         L = 1/G sum_i 1/L_max sum_t l_{i,t} m_{i,t}
 
@@ -341,7 +341,8 @@ def policy_loss(
       high / low clip is active: A > 0 and r > 1 + eps_high / A < 0 and
       r < 1 - eps_low; shaped guided tokens are never clipped), `clip_ratio/dual`
       (A < 0 and r > c; only with dual_clip), `approx_kl_old` (k3 estimate of
-      KL(pi_old || pi_theta): exp(logp - old_logp) - (logp - old_logp) - 1),
+      KL(pi_old || pi_theta): exp(logp - old_logp) - (logp - old_logp) - 1; on
+      guided tokens it also measures the shift from the critique context),
       `kl` (k3 to the reference; only with ref_logp), `entropy` (only with
       entropy), `ratio/mean`, `tokens/valid`, `sequences/valid`, and with
       `guided`: `guided/frac_tokens`, `guided/ratio_mean`, `guided/clip_ratio/high`,
@@ -354,10 +355,15 @@ def policy_loss(
             f"Loss {name!r} with kl_coef={config.kl_coef} needs ref_logp; pass the reference "
             "model's log-probs or set kl_coef=0.0."
         )
+    # The loss is computed in float32 whatever the model's dtype (bf16 ratios are too coarse
+    # to tell 1.28 from 1.29).
+    logp = jnp.asarray(logp, jnp.float32)
+    old_logp = jax.lax.stop_gradient(jnp.asarray(old_logp, jnp.float32))
+    if ref_logp is not None:
+        ref_logp = jax.lax.stop_gradient(jnp.asarray(ref_logp, jnp.float32))
     mask = jnp.asarray(mask, jnp.float32)
     valid = mask > 0
-    old_logp = jax.lax.stop_gradient(old_logp)
-    advantages = jax.lax.stop_gradient(jnp.asarray(advantages, logp.dtype))
+    advantages = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))
     if advantages.ndim == 1:
         advantages = jnp.broadcast_to(advantages[:, None], logp.shape)
 
@@ -385,7 +391,7 @@ def policy_loss(
     token_loss = -objective
     metrics = {}
     if ref_logp is not None:
-        kl = _k3(jnp.where(valid, jax.lax.stop_gradient(ref_logp) - logp, 0.0))
+        kl = _k3(jnp.where(valid, ref_logp - logp, 0.0))
         token_loss = token_loss + config.kl_coef * kl
         metrics["kl"] = _masked_mean(kl, mask)
 

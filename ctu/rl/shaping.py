@@ -4,7 +4,7 @@ Lengths are token counts of the response (for a multi-turn episode: the tokens
 counted against the generation budget, as the sampler reports them), never
 characters.
 
-Soft overlong punishment (DAPO eq. 13), added to the task reward:
+Soft overlong punishment (DAPO sec. 3.4), added to the task reward:
 
     R_length(L) = 0                               if L <= L_max - L_cache
                 = (L_max - L_cache - L) / L_cache if L_max - L_cache < L <= L_max
