@@ -214,6 +214,17 @@ class PolicyLossTest(parameterized.TestCase):
         expected_frac = batch["mask"][guided].sum() / batch["mask"].sum()
         self.assertAlmostEqual(float(metrics["guided/frac_tokens"]), expected_frac, places=6)
 
+    def test_per_token_guided_equals_per_sequence_guided(self):
+        batch = random_batch(seed=6)
+        guided = np.array([False, True, True, False])
+        per_token = np.broadcast_to(guided[:, None], batch["logp"].shape)
+        fn = jax.jit(functools.partial(losses.policy_loss, "dapo", guided_objective="shaped"))
+        by_sequence, _ = fn(**batch, guided=guided)
+        by_token, _ = fn(**batch, guided=per_token)
+        np.testing.assert_allclose(by_token, by_sequence, rtol=1e-6)
+        plain, _ = fn(**batch)
+        self.assertGreater(abs(float(by_sequence - plain)), 1e-4)
+
     @parameterized.parameters("importance", "policy")
     def test_shaped_guided_tokens_are_not_clipped(self, shaped_ratio):
         # Both tokens have ratio 2 > 1 + eps_high with A > 0; only the guided one
