@@ -1,0 +1,298 @@
+"""Run a policy over a split with K trials -> metrics dict.
+
+A trial is one episode per task. Trial `t` runs the environment with seed
+`seed + t` (the user simulator's wording and choices) and gives the policy the
+per-episode seed `"{seed}:{t}"`, so a run is deterministic for a seed whatever
+the batch size.
+
+Two policy interfaces plug in:
+- a per-episode `Policy` (ctu/world/agents.py: `reset(task_id, observation)`,
+  `act(observation) -> Action`), made by a factory `make(seed) -> Policy`;
+- a `BatchPolicy` that acts for many episodes at once (a model sampling a
+  batch): `reset(episodes)` with one `EpisodeStart` per row, then
+  `act(rows, observations) -> list[Action]` for the rows still running.
+`PerEpisode` adapts the first to the second; `evaluate` drives only the second.
+
+Metrics: success (score 1.0) overall, per level and on held-out companies,
+mean score, failure-type counts, mean actions per episode and
+pass^k = mean over tasks of C(c, k) / C(n, k) for k = 1..n, n trials with c
+successes (tau-bench).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from ctu.world import agents, data
+from ctu.world.env import Action, Environment
+
+# Splits by the names the command line accepts.
+SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+# A score counts as success at 1.0 (within float noise of the reward's rounding).
+SUCCESS_SCORE = 1.0 - 1e-6
+# Episodes run side by side; a model policy samples them as one batch.
+DEFAULT_BATCH_SIZE = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeStart:
+    task_id: str
+    trial: int
+    seed: str  # per-episode policy seed
+    observation: str  # the user's opening message
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeResult:
+    task_id: str
+    level: int
+    held_out_company: bool
+    trial: int
+    score: float
+    failure_type: str
+    num_actions: int
+    ended_by: str
+
+    @property
+    def success(self) -> bool:
+        return self.score >= SUCCESS_SCORE
+
+
+class BatchPolicy(Protocol):
+    def reset(self, episodes: Sequence[EpisodeStart]) -> None: ...
+
+    def act(self, rows: Sequence[int], observations: Sequence[str]) -> list[Action]: ...
+
+
+class PerEpisode:
+    """A BatchPolicy made of one per-episode policy per row."""
+
+    def __init__(self, make: Callable[[str], agents.Policy]):
+        self.make = make
+        self.policies: list[agents.Policy] = []
+
+    def reset(self, episodes: Sequence[EpisodeStart]) -> None:
+        self.policies = []
+        for episode in episodes:
+            policy = self.make(episode.seed)
+            policy.reset(episode.task_id, episode.observation)
+            self.policies.append(policy)
+
+    def act(self, rows: Sequence[int], observations: Sequence[str]) -> list[Action]:
+        return [self.policies[r].act(o) for r, o in zip(rows, observations, strict=True)]
+
+
+def scripted_policy(name: str, world: data.World) -> BatchPolicy:
+    """oracle | heuristic | random, as a BatchPolicy."""
+    if name not in agents.POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(agents.POLICIES)}")
+    return PerEpisode(lambda seed: agents.make_policy(name, world, seed))
+
+
+def split_tasks(world: data.World, split: str) -> list[data.Task]:
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_NAMES)}")
+    return world.split(SPLIT_NAMES[split])
+
+
+def run_episodes(
+    policy: BatchPolicy,
+    world: data.World,
+    tasks: Sequence[data.Task],
+    *,
+    trials: int,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_turns: int | None = None,
+) -> list[EpisodeResult]:
+    """Every (trial, task) episode, in that order, run `batch_size` at a time."""
+    if trials < 1:
+        raise ValueError(f"trials must be >= 1, got {trials}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    env_kwargs = {} if max_turns is None else {"max_turns": max_turns}
+    queue = [(trial, task) for trial in range(trials) for task in tasks]
+    pool: dict[tuple[int, int], Environment] = {}  # (row, trial) -> a reusable environment
+    results = []
+    for start in range(0, len(queue), batch_size):
+        chunk = queue[start : start + batch_size]
+        for row, (trial, _) in enumerate(chunk):
+            if (row, trial) not in pool:
+                pool[row, trial] = Environment(world, tasks, seed=seed + trial, **env_kwargs)
+        envs = [pool[row, trial] for row, (trial, _) in enumerate(chunk)]
+        observations = [env.reset(task.task_id) for env, (_, task) in zip(envs, chunk, strict=True)]
+        policy.reset(
+            [
+                EpisodeStart(task.task_id, trial, f"{seed}:{trial}", obs)
+                for (trial, task), obs in zip(chunk, observations, strict=True)
+            ]
+        )
+        finished: dict[int, EpisodeResult] = {}
+        active = list(range(len(chunk)))
+        while active:
+            actions = policy.act(active, [observations[r] for r in active])
+            still_active = []
+            for row, action in zip(active, actions, strict=True):
+                step = envs[row].step(action)
+                observations[row] = step.observation
+                if step.done:
+                    trial, task = chunk[row]
+                    finished[row] = _result(task, trial, step.info, envs[row])
+                else:
+                    still_active.append(row)
+            active = still_active
+        results += [finished[row] for row in range(len(chunk))]
+    return results
+
+
+def _result(task: data.Task, trial: int, info: dict, env: Environment) -> EpisodeResult:
+    return EpisodeResult(
+        task_id=task.task_id,
+        level=task.level,
+        held_out_company=task.held_out_company,
+        trial=trial,
+        score=float(info["score"]),
+        failure_type=info["failure_type"],
+        num_actions=len(env.episode.steps),
+        ended_by=info["ended_by"],
+    )
+
+
+def pass_hat_k(successes: Sequence[int], trials: int, k: int) -> float:
+    """Mean over tasks of C(c, k) / C(n, k): the chance that k i.i.d. trials all succeed."""
+    if not 1 <= k <= trials:
+        raise ValueError(f"k must be in 1..{trials}, got {k}")
+    return sum(math.comb(c, k) for c in successes) / (len(successes) * math.comb(trials, k))
+
+
+def _rate(results: Sequence[EpisodeResult]) -> dict:
+    n = len(results)
+    return {
+        "episodes": n,
+        "success_rate": sum(r.success for r in results) / n if n else None,
+        "mean_score": sum(r.score for r in results) / n if n else None,
+    }
+
+
+def summarize(results: Sequence[EpisodeResult], trials: int) -> dict:
+    """The metrics dict of a run (JSON-ready)."""
+    if not results:
+        raise ValueError("no episodes to summarize")
+    per_task = collections.Counter()
+    for r in results:
+        per_task[r.task_id] += r.success
+    tasks = {r.task_id for r in results}
+    successes = [per_task[t] for t in sorted(tasks)]
+    by_level = collections.defaultdict(list)
+    for r in results:
+        by_level[r.level].append(r)
+    return {
+        **_rate(results),
+        "num_tasks": len(tasks),
+        "trials": trials,
+        "pass_hat_k": {str(k): pass_hat_k(successes, trials, k) for k in range(1, trials + 1)},
+        "by_level": {str(level): _rate(by_level[level]) for level in sorted(by_level)},
+        "held_out_company": _rate([r for r in results if r.held_out_company]),
+        "seen_company": _rate([r for r in results if not r.held_out_company]),
+        "failure_types": dict(collections.Counter(r.failure_type for r in results).most_common()),
+        "ended_by": dict(collections.Counter(r.ended_by for r in results).most_common()),
+        "mean_actions": sum(r.num_actions for r in results) / len(results),
+    }
+
+
+def evaluate(
+    policy: BatchPolicy,
+    world: data.World,
+    split: str,
+    *,
+    trials: int = 1,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> dict:
+    """Runs `policy` over a split with `trials` trials; returns the metrics dict."""
+    tasks = split_tasks(world, split)
+    start = time.perf_counter()
+    results = run_episodes(policy, world, tasks, trials=trials, seed=seed, batch_size=batch_size)
+    metrics = summarize(results, trials)
+    metrics.update(
+        split=SPLIT_NAMES[split], seed=seed, wall_s=round(time.perf_counter() - start, 3)
+    )
+    return metrics
+
+
+def evaluate_and_write(
+    policy_name: str,
+    split: str,
+    data_dir: str,
+    out_path: str,
+    *,
+    trials: int = 1,
+    seed: int = 0,
+) -> dict:
+    """The `launch.evaluate` command: load the world, evaluate, write JSON, print a table.
+
+    Raises FileNotFoundError / ValueError with a message for a bad directory,
+    split or policy name.
+    """
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(
+            f"no world directory at {data_dir}; write one with "
+            "`python -m launch.make_data --out=DIR` or pass --data=data/world"
+        )
+    if split not in SPLIT_NAMES:  # checked before the (slow) world load
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_NAMES)}")
+    world = data.load_world(data_dir)
+    policy = scripted_policy(policy_name, world)
+    metrics = {"policy": policy_name, "data": data_dir}
+    metrics.update(evaluate(policy, world, split, trials=trials, seed=seed))
+    write_json_atomic(out_path, metrics)
+    print(format_table(metrics))
+    return metrics
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    """Writes JSON to a temp file in the same directory, then renames it into place."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def format_table(metrics: dict) -> str:
+    """A short text table: overall, per level, held-out, pass^k, top failures."""
+
+    def pct(value) -> str:
+        return "   -" if value is None else f"{100 * value:5.1f}%"
+
+    rows = [("all", metrics)]
+    rows += [(f"level {lvl}", m) for lvl, m in metrics["by_level"].items()]
+    rows += [("held-out co.", metrics["held_out_company"])]
+    lines = [
+        f"policy={metrics['policy']} split={metrics['split']} trials={metrics['trials']} "
+        f"seed={metrics['seed']} tasks={metrics['num_tasks']}",
+        f"{'':14}{'episodes':>9}{'success':>9}{'score':>8}",
+    ]
+    for label, m in rows:
+        score = "   -" if m["mean_score"] is None else f"{m['mean_score']:8.3f}"
+        lines.append(f"{label:14}{m['episodes']:>9}{pct(m['success_rate']):>9}{score}")
+    lines.append(
+        "pass^k: " + "  ".join(f"k={k} {pct(v).strip()}" for k, v in metrics["pass_hat_k"].items())
+    )
+    failures = [(k, v) for k, v in metrics["failure_types"].items() if k != "success"]
+    lines.append("failures: " + (", ".join(f"{k} {v}" for k, v in failures[:6]) or "none"))
+    return "\n".join(lines)
