@@ -4,6 +4,106 @@ Each area adds its own functions here; never rewrite another area's.
 """
 
 
+# --- Text layer (ctu/text): tool schemas and a tiny tokenizer --------------------------
+
+
+def text_tool_schemas() -> list[dict]:
+    """A copy of the world's three tool schemas (ctu/world/tools.py), for text-layer tests."""
+    fields = [
+        "name",
+        "account_number",
+        "last_4_ssn",
+        "date_of_birth",
+        "address",
+        "phone",
+        "credit_card_last4",
+    ]
+
+    def schema(name, description, properties, required):
+        return {
+            "type": "function",
+            "function": {
+                "name": name,
+                "description": description,
+                "parameters": {
+                    "type": "object",
+                    "properties": properties,
+                    "required": required,
+                    "additionalProperties": False,
+                },
+            },
+        }
+
+    return [
+        schema(
+            "search_company",
+            "Look up a company by name; returns its departments and phone numbers.",
+            {"company_name": {"type": "string"}},
+            ["company_name"],
+        ),
+        schema(
+            "auth_info_form",
+            "Ask the user once for the authentication fields the call will need.",
+            {"fields": {"type": "array", "items": {"type": "string", "enum": fields}}},
+            ["fields"],
+        ),
+        schema(
+            "make_phone_call",
+            "Call a department's phone number with the user's authentication details.",
+            {"phone_number": {"type": "string"}, "auth_info": {"type": "object"}},
+            ["phone_number", "auth_info"],
+        ),
+    ]
+
+
+def text_training_texts() -> list[str]:
+    """A small corpus in the world's register, to train the tiny tokenizer."""
+    import json
+
+    texts = [
+        "Acme Bank Billing Department handles payment disputes and late fees.",
+        "Northwind Telecom Technical Support fixes internet outages and router problems.",
+        "Globex Insurance Fraud team investigates suspicious claims. Call 555-0142.",
+        "Hi, I need to dispute a charge on my credit card with Acme Bank.",
+        "My name is Jane Doe, account number 12345678, date of birth 1990-04-12.",
+        "Please call the billing department first, then customer service.",
+        "The user does not have their last 4 SSN. Authentication failed: missing field.",
+        "I'll look up the company first. Let me search for it.",
+    ]
+    texts += [json.dumps(tool) for tool in text_tool_schemas()]
+    # Chat scaffolding, so merges such as "\n\n" and "assistant" exist as in real vocabularies.
+    texts += [
+        "<|im_start|>user\nHello there.\n\n  Thanks!<|im_end|>\n<|im_start|>assistant\n"
+        '<tool_call>\n{"name": "search_company", "arguments": {"company_name": "Acme"}}\n'
+        "</tool_call><|im_end|>\n\n\t\t hi hi\n\n\n\n"
+    ]
+    return texts * 4
+
+
+def tiny_tokenizer_dir(vocab_size: int = 1024) -> str:
+    """A directory holding the tiny BPE tokenizer, built once per test process."""
+    import tempfile
+
+    from ctu.text import build_tokenizer
+
+    cache = _TINY_TOKENIZER_DIRS
+    if vocab_size not in cache:
+        out_dir = tempfile.mkdtemp(prefix="ctu_tiny_tokenizer_")
+        build_tokenizer(text_training_texts(), out_dir, vocab_size=vocab_size)
+        cache[vocab_size] = out_dir
+    return cache[vocab_size]
+
+
+def tiny_tokenizer(vocab_size: int = 1024):
+    """The tiny tokenizer, loaded with transformers.AutoTokenizer."""
+    from ctu.text import load_tokenizer
+
+    return load_tokenizer(tiny_tokenizer_dir(vocab_size))
+
+
+_TINY_TOKENIZER_DIRS: dict[int, str] = {}
+
+
 # --- World (ctu/world): the shipped world and a perfect policy ---------------------------
 
 WORLD_DIR = __import__("os").path.join(
