@@ -7,6 +7,7 @@ JSON schemas live in `ctu/world/schema.py`. Everything here is plain Python.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -107,6 +108,7 @@ class Department:
         for field in self.auth_fields + self.alternate_auth_fields:
             _check(field in AUTH_FIELDS, f"{self.department_id}: unknown auth field {field!r}")
 
+    @functools.cached_property
     def accepted_sets(self) -> tuple[tuple[str, ...], ...]:
         """The auth field sets this department accepts, primary first."""
         if self.alternate_auth_fields:
@@ -178,7 +180,7 @@ def auth_set_for(department: Department, user: UserProfile) -> tuple[str, ...]:
     Returns the primary set when the user can satisfy neither, so the caller
     sees which fields are missing.
     """
-    for fields in department.accepted_sets():
+    for fields in department.accepted_sets:
         if all(user.has(f) for f in fields):
             return fields
     return department.auth_fields

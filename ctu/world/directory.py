@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from rapidfuzz import fuzz, process, utils
 
@@ -23,9 +23,12 @@ def normalize_phone(number: str) -> str:
     return _NON_DIGITS.sub("", number)
 
 
-@dataclasses.dataclass(frozen=True)
-class AuthCheck:
-    """Outcome of checking auth_info against a department's accepted sets."""
+class AuthCheck(NamedTuple):
+    """Outcome of checking auth_info against a department's accepted sets.
+
+    Hot-path records are NamedTuples: immutable and several times cheaper to
+    build than frozen dataclasses (the env targets < 8 us per tool call).
+    """
 
     ok: bool
     used_set: tuple[str, ...]  # the accepted set checked (closest one when not ok)
@@ -49,6 +52,9 @@ class CompanyDirectory:
             normalize_phone(d.phone_number): d
             for c in self._companies.values()
             for d in c.departments
+        }
+        self._by_exact_phone = {
+            d.phone_number: d for c in self._companies.values() for d in c.departments
         }
         self._search_cache: dict[str, data.Company | None] = {}
         self._descriptions: dict[str, str] = {}
@@ -79,15 +85,29 @@ class CompanyDirectory:
         return text
 
     def department_for_phone(self, number: str) -> data.Department | None:
-        return self._by_phone.get(normalize_phone(number))
+        department = self._by_exact_phone.get(number)  # the usual case: copied verbatim
+        return department or self._by_phone.get(normalize_phone(number))
 
     @staticmethod
     def check_auth(
         department: data.Department, auth_info: Mapping[str, str], user: data.UserProfile
     ) -> AuthCheck:
         """Checks given values against each accepted set; values must match exactly."""
+        values = user.values
+        for fields in department.accepted_sets:  # fast path: one set fully matches
+            for f in fields:
+                given = auth_info.get(f)
+                if given is None or given != values[f]:
+                    break
+            else:
+                extra = (
+                    ()
+                    if len(auth_info) == len(fields)
+                    else tuple(f for f in auth_info if f not in fields)
+                )
+                return AuthCheck(True, fields, (), (), extra)
         best = None
-        for fields in department.accepted_sets():
+        for fields in department.accepted_sets:
             missing = tuple(f for f in fields if f not in auth_info)
             wrong = tuple(f for f in fields if f in auth_info and auth_info[f] != user.values[f])
             extra = tuple(f for f in auth_info if f not in fields)

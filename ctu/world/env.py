@@ -7,8 +7,8 @@ or the user's patience runs out) or at `max_turns` agent actions. The reward is
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from ctu.world import data, reward, tools
 from ctu.world.directory import CompanyDirectory
@@ -20,16 +20,14 @@ DEFAULT_MAX_TURNS = 30
 EPISODE_OVER = "The conversation is over."
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Action:
+class Action(NamedTuple):
     """A tool call (`name` in TOOL_NAMES) or `respond` with kwargs {"content": str}."""
 
     name: str
-    kwargs: object = dataclasses.field(default_factory=dict)
+    kwargs: object = {}  # noqa: B006 (never mutated)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class StepResult:
+class StepResult(NamedTuple):
     observation: str
     reward: float
     done: bool
@@ -87,7 +85,7 @@ class Environment:
         if self.episode is None:
             raise RuntimeError("call reset(task_id) before step()")
         if self._final is not None:
-            return dataclasses.replace(self._final, observation=EPISODE_OVER)
+            return self._final._replace(observation=EPISODE_OVER)
         episode = self.episode
         observation, outcome = self._execute(action)
         episode.steps.append(tools.Step(action.name, action.kwargs, observation, outcome))

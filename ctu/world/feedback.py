@@ -79,7 +79,7 @@ def _missing_auth(ctx):
     needed = set(ctx.task.required_auth_fields)
     missing = needed - ctx.collected
     call = _last_failed_call(ctx)
-    if not missing and call is not None and call.auth is not None:
+    if not missing and call is not None and call.auth is not None and call.auth.missing:
         return f"Your call to {_dept(ctx, call.department_id)} lacked {_fields(call.auth.missing)}; pass every field the department requires in auth_info."  # noqa: E501
     depts = ", ".join(_dept(ctx, r.department_id) for r in ctx.task.requests)
     return f"You never collected {_fields(missing)} from the user, which {depts} require(s). Ask for all needed fields ({_fields(needed)}) in a single auth_info_form call before phoning."  # noqa: E501

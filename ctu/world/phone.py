@@ -6,8 +6,8 @@ reason. The call history (departments reached) enforces routing prerequisites.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from ctu.world import data
 from ctu.world.directory import AuthCheck, CompanyDirectory
@@ -22,8 +22,7 @@ PREREQUISITE_NOT_MET = "prerequisite_not_met"
 ALREADY_SERVED = "already_served"
 
 
-@dataclasses.dataclass(frozen=True)
-class CallResult:
+class CallResult(NamedTuple):
     status: str
     text: str  # what the representative says
     department_id: str | None  # None for an unknown number
@@ -78,14 +77,11 @@ class PhoneSystem:
 
     def _route(self, department, company, greeting, auth) -> CallResult:
         dept_id = department.department_id
-        index = next(
-            (
-                i
-                for i, r in enumerate(self._task.requests)
-                if r.department_id == dept_id and not self._served[i]
-            ),
-            None,
-        )
+        index = None
+        for i, request in enumerate(self._task.requests):
+            if request.department_id == dept_id and not self._served[i]:
+                index = i
+                break
         if index is None:
             if dept_id in self.reached:
                 text = f"{greeting} We already took care of your request earlier."

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jsonschema
 
@@ -113,7 +114,6 @@ RESPOND_SCHEMA = {
 
 # ---- validation ------------------------------------------------------------------------
 
-_PY_TYPES = {"string": str, "array": list, "object": dict, "boolean": bool}
 _KNOWN_KEYWORDS = {
     "type",
     "properties",
@@ -128,34 +128,49 @@ _KNOWN_KEYWORDS = {
     "uniqueItems",
     "description",
 }
+# Stands in for "no upper bound" in length checks.
+_UNBOUNDED = float("inf")
 
 
 def compile_checker(schema: dict) -> Callable[[object], bool]:
-    """A fast validity check for the JSON Schema subset the tool schemas use."""
+    """A fast validity check for the JSON Schema subset the tool schemas use.
+
+    One specialised closure per schema node (string, array, object), so a check
+    costs a few isinstance/len calls; unsupported keywords are refused.
+    """
     unknown = set(schema) - _KNOWN_KEYWORDS
-    if unknown:
-        raise ValueError(f"compile_checker does not support {sorted(unknown)}; extend it")
-    checks = []
-    if "type" in schema:
-        py_type = _PY_TYPES[schema["type"]]
-        checks.append(lambda x: isinstance(x, py_type))
+    if unknown or schema.get("type") not in ("string", "array", "object"):
+        raise ValueError(f"compile_checker does not support {schema}; extend it")
+    kind = schema["type"]
+    if kind == "string":
+        return _string_checker(schema)
+    if kind == "array":
+        return _array_checker(schema)
+    return _object_checker(schema)
+
+
+def _string_checker(schema: dict) -> Callable[[object], bool]:
+    lo, hi = schema.get("minLength", 0), schema.get("maxLength", _UNBOUNDED)
     if "enum" in schema:
         allowed = frozenset(schema["enum"])
-        checks.append(lambda x: isinstance(x, str) and x in allowed)
-    lo, hi = schema.get("minLength", 0), schema.get("maxLength")
-    if "minLength" in schema or hi is not None:
-        checks.append(lambda x: not isinstance(x, str) or lo <= len(x) <= (hi or len(x)))
-    lo_n, hi_n = schema.get("minItems", 0), schema.get("maxItems")
-    if "minItems" in schema or hi_n is not None:
-        checks.append(lambda x: not isinstance(x, list) or lo_n <= len(x) <= (hi_n or len(x)))
-    if "items" in schema:
-        item = compile_checker(schema["items"])
-        checks.append(lambda x: not isinstance(x, list) or all(item(i) for i in x))
-    if schema.get("uniqueItems"):
-        checks.append(lambda x: not isinstance(x, list) or _unique(x))
-    if "properties" in schema or "required" in schema or "additionalProperties" in schema:
-        checks.append(_object_checker(schema))
-    return lambda x: all(check(x) for check in checks)
+        return lambda x: x.__class__ is str and x in allowed and lo <= len(x) <= hi
+    return lambda x: isinstance(x, str) and lo <= len(x) <= hi
+
+
+def _array_checker(schema: dict) -> Callable[[object], bool]:
+    lo, hi = schema.get("minItems", 0), schema.get("maxItems", _UNBOUNDED)
+    item = compile_checker(schema["items"]) if "items" in schema else (lambda x: True)
+    unique = schema.get("uniqueItems", False)
+
+    def check(x) -> bool:
+        if not isinstance(x, list) or not lo <= len(x) <= hi:
+            return False
+        for i in x:
+            if not item(i):
+                return False
+        return not unique or _unique(x)
+
+    return check
 
 
 def _unique(items: list) -> bool:
@@ -172,11 +187,12 @@ def _object_checker(schema: dict) -> Callable[[object], bool]:
 
     def check(x) -> bool:
         if not isinstance(x, dict):
-            return True  # the type check decides
-        if any(k not in x for k in required):
             return False
+        for k in required:
+            if k not in x:
+                return False
         for k, v in x.items():
-            sub = props.get(k)
+            sub = props.get(k) if k.__class__ is str else None
             if sub is None:
                 if closed:
                     return False
@@ -215,8 +231,7 @@ class ArgumentValidator:
 # ---- episode state and the trajectory record -------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Step:
+class Step(NamedTuple):
     """One agent action and what came of it; the reward reads `outcome`."""
 
     name: str
@@ -225,14 +240,12 @@ class Step:
     outcome: object  # SearchOutcome | FormReply | phone.CallResult | UserReply | Invalid
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class SearchOutcome:
+class SearchOutcome(NamedTuple):
     query: str
     company_id: str | None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Invalid:
+class Invalid(NamedTuple):
     """A tool call that could not run: unknown tool or bad arguments."""
 
     reason: str

@@ -9,8 +9,8 @@ Deterministic given (seed, task_id).
 
 from __future__ import annotations
 
-import dataclasses
 import random
+from typing import NamedTuple
 
 from ctu.world import data
 
@@ -63,16 +63,14 @@ _GOODBYE = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class FormReply:
+class FormReply(NamedTuple):
     text: str
     provided: dict  # field -> value, given now
     lacking: tuple[str, ...]  # asked for, but the user does not have them
     withheld: tuple[str, ...]  # the user has them but asks what they mean first
 
 
-@dataclasses.dataclass(frozen=True)
-class UserReply:
+class UserReply(NamedTuple):
     text: str
     provided: dict  # field -> value, given in answer to a clarification
     done: bool  # the user ended the conversation
@@ -86,6 +84,7 @@ class UserSimulator:
         self.task = task
         self._rng = random.Random(f"{seed}:{task.task_id}")
         self._mood = self._rng.choice(_OPENING_MOOD[profile.emotion])
+        self._remark = self._rng.choice(_FORM_REMARK[profile.behavior])
         self.patience = PATIENCE[profile.emotion] - (
             DIFFICULT_PATIENCE_CUT if profile.behavior == "difficult" else 0
         )
@@ -105,18 +104,22 @@ class UserSimulator:
 
     def fill_form(self, fields) -> FormReply:
         values = self.profile.values
-        has = [f for f in fields if values[f] is not None]
-        lacking = tuple(f for f in fields if values[f] is None)
         withheld = ()
         if self.profile.behavior == "needs_clarification":
-            withheld = tuple(f for f in JARGON_FIELDS if f in has)[:1]
+            withheld = tuple(f for f in JARGON_FIELDS if f in fields and values[f] is not None)[:1]
             self._pending = withheld
-        provided = {f: values[f] for f in has if f not in withheld}
-        lines = [self._rng.choice(_FORM_REMARK[self.profile.behavior])]
-        lines += [f"{f}: {v}" for f, v in provided.items()]
-        lines += [f"{f}: I don't have that." for f in lacking]
-        lines += [f"{f}: What do you mean by '{f}'?" for f in withheld]
-        return FormReply("\n".join(lines), provided, lacking, withheld)
+        provided, lacking, lines = {}, [], [self._remark]
+        for f in fields:
+            value = values[f]
+            if value is None:
+                lacking.append(f)
+                lines.append(f"{f}: I don't have that.")
+            elif f in withheld:
+                lines.append(f"{f}: What do you mean by '{f}'?")
+            else:
+                provided[f] = value
+                lines.append(f"{f}: {value}")
+        return FormReply("\n".join(lines), provided, tuple(lacking), withheld)
 
     def reply(self, message: str) -> UserReply:
         """Answers a `respond` message: a clarification, a question or the final report."""
