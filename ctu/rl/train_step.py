@@ -1,0 +1,436 @@
+"""The policy update: one jitted, sharded optimizer step per mini-batch.
+
+A rollout batch (`RolloutBatch`, per-token arrays `[B, T]` aligned with the tokens as
+in docs/architecture.md) is trained on for `ppo_epochs` passes of `num_mini_batches`
+optimizer updates each (`Learner.update`). Before the first update the behaviour
+log-probs are recomputed with the training forward (`recompute_old_logp`), so the
+first mini-batch step has importance ratio 1 up to float rounding, and the reference
+log-probs come from a frozen copy of the initial policy, which exists only when the
+loss has a KL term (`kl_coef > 0`, e.g. GRPO).
+
+Inside the step a mini-batch is split into `num_micro_batches` micro-batches whose
+gradients are summed with `jax.lax.scan`. Every micro-batch loss is divided by the
+denominator of the whole mini-batch (`losses.loss_normalizer`: its valid token count
+for DAPO's token-mean), so the accumulated gradient equals the full mini-batch's.
+
+A step whose loss or gradients hold NaN/inf leaves parameters and optimizer state
+untouched (the old state is selected inside the jitted step) and reports
+`nonfinite=1`; after `max_consecutive_nonfinite` such steps in a row `Learner.update`
+raises `NonFiniteError` before the caller can checkpoint, so the last good checkpoint
+stays the latest.
+
+Backends and hosts: `initialize_backend` picks cpu/gpu/tpu through `jax_platforms`
+and, for multi-host runs, calls `jax.distributed.initialize()` (coordinator address,
+process count and id come from the cluster environment: SLURM, Cloud TPU, or the
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables). Multi-host
+cannot be exercised on one machine; each process then passes its local rows to
+`Learner.shard_batch`, which assembles the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from ctu import metrics as ctu_metrics
+from ctu import sharding
+from ctu.rl import losses
+from ctu.rl.optim import OptimConfig, learning_rate_schedule, make_optimizer
+
+BACKENDS = ("cpu", "gpu", "tpu")
+# Metrics that are sums over the micro-batches; all others are token-weighted means.
+_SUMMED_METRICS = ("loss", "tokens/valid", "sequences/valid")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Settings of the policy update.
+
+    Attributes:
+      loss: a registered loss name ("dapo", "grpo", "dr_grpo").
+      loss_settings: fields of that loss's settings (ctu.rl.losses.make_settings),
+        e.g. {"eps_low": 0.2, "eps_high": 0.28} or {"kl_coef": 0.04}.
+      ppo_epochs: passes over each rollout batch.
+      num_mini_batches: optimizer updates per pass; the rollout batch is split into
+        this many mini-batches (shuffled per pass when `shuffle`).
+      num_micro_batches: gradient-accumulation chunks per mini-batch.
+      shuffle: reorder rows before each pass (deterministically from the update's key).
+      recompute_old_logp: recompute the behaviour log-probs with the training forward
+        before the first update instead of using the sampler's.
+      max_consecutive_nonfinite: stop after this many skipped (NaN/inf) steps in a row.
+      optim: optimizer settings.
+      peak_flops_per_device: FLOP/s for `perf/mfu` when the device is not in
+        ctu.metrics.PEAK_BF16_FLOPS (e.g. a CPU); None reports null there.
+    """
+
+    loss: str = "dapo"
+    loss_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    ppo_epochs: int = 1
+    num_mini_batches: int = 1
+    num_micro_batches: int = 1
+    shuffle: bool = True
+    recompute_old_logp: bool = True
+    max_consecutive_nonfinite: int = 3
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    peak_flops_per_device: float | None = None
+
+    def __post_init__(self):
+        # Validates the loss name and its settings (raises ValueError naming them).
+        losses.make_settings(self.loss, **self.loss_settings)
+        for name in ("ppo_epochs", "num_mini_batches", "num_micro_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"train.{name} must be a positive int, got {value!r}")
+        if self.max_consecutive_nonfinite < 1:
+            raise ValueError(
+                "train.max_consecutive_nonfinite must be >= 1, got "
+                f"{self.max_consecutive_nonfinite}"
+            )
+        if not isinstance(self.optim, OptimConfig):
+            raise TypeError(f"train.optim must be an OptimConfig, got {type(self.optim)}")
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss has a KL term to a frozen reference policy."""
+        return losses.make_settings(self.loss, **self.loss_settings).kl_coef > 0
+
+    def rows_multiple(self) -> int:
+        """The rollout batch size must be a multiple of this."""
+        return self.num_mini_batches * self.num_micro_batches
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RolloutBatch:
+    """Per-token training data, `[B, T]` aligned with `tokens` (position 0 has mask 0).
+
+    `old_logp` is the behaviour policy's log-prob of each token (from the sampler; it
+    is replaced when `recompute_old_logp`). `advantages` is `[B]` or `[B, T]`.
+    `ref_logp` is filled by the learner when the loss needs it.
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    advantages: jax.Array
+    old_logp: jax.Array
+    ref_logp: jax.Array | None = None
+    guided: jax.Array | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+
+def initialize_backend(backend: str, *, distributed: bool = False) -> None:
+    """Selects the platform and, when `distributed`, joins the multi-host job.
+
+    Call once at start-up, before anything touches a JAX device.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: use one of {BACKENDS}")
+    jax.config.update("jax_platforms", backend)
+    if distributed:
+        jax.distributed.initialize()
+
+
+def token_logp_and_entropy(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token log-prob and entropy, aligned with `tokens` (docs/architecture.md).
+
+    The value at `t` is about token `t` and comes from the logits at `t - 1`;
+    position 0 has no prediction and gets 0. Computed in float32.
+    """
+    log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    logp = jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+    pad = ((0, 0), (1, 0))
+    return jnp.pad(logp, pad), jnp.pad(entropy, pad)
+
+
+def _split_rows(tree: Any, num_chunks: int) -> Any:
+    """[B, ...] -> [num_chunks, B / num_chunks, ...], chunk c holding rows c, c + k, ...
+
+    Strided, so each chunk keeps rows from every data shard and stays balanced.
+    """
+    return jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // num_chunks, num_chunks, *x.shape[1:]).swapaxes(0, 1),
+        tree,
+    )
+
+
+def _merge_rows(x: jax.Array) -> jax.Array:
+    """Inverse of `_split_rows` for one array."""
+    return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _select(pred: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.stack(leaves).all()
+
+
+def _constrain_rows(tree: Any) -> Any:
+    """Rows over ("data", "fsdp") under the current mesh; a no-op without one."""
+    return jax.tree.map(
+        lambda x: sharding.shard(x, (sharding.BATCH_AXES,) + (None,) * (x.ndim - 1)), tree
+    )
+
+
+def mini_batch_gradients(
+    model: nnx.Module, mini: RolloutBatch, config: TrainConfig
+) -> tuple[nnx.State, dict[str, jax.Array]]:
+    """Gradients of the mini-batch loss w.r.t. the model's `nnx.Param`s, and metrics.
+
+    The mini-batch is split into `config.num_micro_batches` micro-batches; each one's
+    loss is divided by the whole mini-batch's denominator (`losses.loss_normalizer`),
+    so the summed micro-batch gradients equal the gradient of the full mini-batch
+    loss. Summed metrics (`loss`, counts) add up; the others are token-mean metrics
+    of each micro-batch weighted by its share of the valid tokens.
+    """
+    normalizer = losses.loss_normalizer(config.loss, mini.mask, **config.loss_settings)
+    total_tokens = jnp.maximum(jnp.sum(mini.mask.astype(jnp.float32)), 1.0)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def micro_loss(params, micro):
+        logits = nnx.merge(graphdef, params, rest)(micro.tokens)
+        logp, entropy = token_logp_and_entropy(logits, micro.tokens)
+        return losses.policy_loss(
+            config.loss,
+            logp=logp,
+            old_logp=micro.old_logp,
+            advantages=micro.advantages,
+            mask=micro.mask,
+            ref_logp=micro.ref_logp,
+            entropy=entropy,
+            guided=micro.guided,
+            normalizer=normalizer,
+            **config.loss_settings,
+        )
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def accumulate(grads, micro):
+        micro = _constrain_rows(micro)
+        (_, micro_metrics), micro_grads = grad_fn(params, micro)
+        grads = jax.tree.map(lambda g, m: g + m.astype(jnp.float32), grads, micro_grads)
+        weight = jnp.sum(micro.mask.astype(jnp.float32)) / total_tokens
+        return grads, (micro_metrics, weight)
+
+    # Accumulate in float32 whatever the parameter dtype.
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    grads, (micro_metrics, weights) = jax.lax.scan(
+        accumulate, zeros, _split_rows(mini, config.num_micro_batches)
+    )
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    step_metrics = {
+        name: jnp.sum(values) if name in _SUMMED_METRICS else jnp.sum(values * weights)
+        for name, values in micro_metrics.items()
+    }
+    return grads, step_metrics
+
+
+class Learner:
+    """Owns the policy, its optimizer and the jitted step functions on one mesh.
+
+    `model` must already be placed on `mesh` (e.g. `ctu.sharding.create_sharded_model`).
+    """
+
+    def __init__(self, config: TrainConfig, model: nnx.Module, mesh: Mesh):
+        self.config = config
+        self.mesh = mesh
+        self.model = model
+        tx = make_optimizer(config.optim)
+        self._schedule = learning_rate_schedule(config.optim)
+
+        @nnx.jit
+        def create_optimizer(model):
+            optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+            state = nnx.state(optimizer)
+            shardings = sharding.state_shardings(state, mesh)
+            nnx.update(optimizer, jax.lax.with_sharding_constraint(state, shardings))
+            return optimizer
+
+        with jax.set_mesh(mesh):
+            self.optimizer = create_optimizer(model)
+        # The frozen reference is a copy of the initial policy, kept only if needed.
+        self.reference: nnx.State | None = None
+        if config.needs_reference:
+            self.reference = jax.tree.map(jnp.copy, nnx.state(model))
+        self._graphdef = nnx.graphdef((self.model, self.optimizer))
+        self._model_graphdef = nnx.graphdef(self.model)
+        self._state_shardings = jax.tree.map(
+            lambda x: x.sharding, nnx.state((self.model, self.optimizer))
+        )
+        self._batch_sharding = sharding.batch_sharding(mesh)
+        self._step = jax.jit(self._train_step, donate_argnums=0)
+        self._logp = jax.jit(self._compute_logp)
+        self.consecutive_nonfinite = 0
+        self.total_nonfinite = 0
+
+    # ----------------------------------------------------------------------- data
+
+    def shard_batch(self, batch: RolloutBatch) -> RolloutBatch:
+        """Places host arrays (this process's rows) on the mesh, rows over (data, fsdp)."""
+
+        def place(x):
+            x = np.asarray(x)
+            spec = jax.sharding.PartitionSpec(sharding.BATCH_AXES, *([None] * (x.ndim - 1)))
+            named = jax.sharding.NamedSharding(self.mesh, spec)
+            return jax.make_array_from_process_local_data(named, x)
+
+        return jax.tree.map(place, batch)
+
+    # ----------------------------------------------------------------------- jitted
+
+    def _compute_logp(self, model_state: nnx.State, tokens: jax.Array) -> jax.Array:
+        """Per-token log-probs of `tokens` under `model_state`, micro-batch by micro-batch."""
+        model = nnx.merge(self._model_graphdef, model_state)
+        chunks = _split_rows(tokens, self.config.num_micro_batches)
+
+        def forward(chunk):
+            chunk = _constrain_rows(chunk)
+            return token_logp_and_entropy(model(chunk), chunk)[0]
+
+        return _merge_rows(jax.lax.map(forward, chunks))
+
+    def _train_step(
+        self, state: nnx.State, batch: RolloutBatch, rows: jax.Array
+    ) -> tuple[nnx.State, dict[str, jax.Array]]:
+        """One optimizer update on the mini-batch `batch[rows]`; NaN/inf steps are dropped."""
+        model, optimizer = nnx.merge(self._graphdef, state)
+        mini = _constrain_rows(jax.tree.map(lambda x: x[rows], batch))
+        grads, step_metrics = mini_batch_gradients(model, mini, self.config)
+        finite = _all_finite(grads) & jnp.isfinite(step_metrics["loss"])
+        step_metrics["grad_norm"] = optax.global_norm(grads)
+        step_metrics["learning_rate"] = self._schedule(optimizer.step[...])
+        step_metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+        optimizer.update(model, grads)
+        new_state = _select(finite, nnx.state((model, optimizer)), state)
+        return jax.lax.with_sharding_constraint(new_state, self._state_shardings), step_metrics
+
+    # ----------------------------------------------------------------------- public
+
+    def compute_logp(self, tokens: jax.Array, *, reference: bool = False) -> jax.Array:
+        """Per-token log-probs `[B, T]` of sharded `tokens` under the policy (or reference)."""
+        if reference and self.reference is None:
+            raise ValueError(f"loss {self.config.loss!r} has no KL term, so there is no reference")
+        model_state = self.reference if reference else nnx.state(self.model)
+        with jax.set_mesh(self.mesh):
+            return self._logp(model_state, tokens)
+
+    def prepare(self, batch: RolloutBatch) -> RolloutBatch:
+        """Fills `old_logp` (if recomputed) and `ref_logp` (if the loss needs them)."""
+        self._check_batch(batch)
+        if self.config.recompute_old_logp:
+            batch = dataclasses.replace(batch, old_logp=self.compute_logp(batch.tokens))
+        if self.reference is not None:
+            batch = dataclasses.replace(
+                batch, ref_logp=self.compute_logp(batch.tokens, reference=True)
+            )
+        return batch
+
+    def train_step(self, batch: RolloutBatch, rows: jax.Array) -> dict[str, jax.Array]:
+        """One optimizer update on rows `rows` of a prepared batch; device metrics."""
+        state = nnx.state((self.model, self.optimizer))
+        with jax.set_mesh(self.mesh):
+            new_state, step_metrics = self._step(state, batch, rows)
+        nnx.update((self.model, self.optimizer), new_state)
+        return step_metrics
+
+    def update(self, batch: RolloutBatch, rng: jax.Array) -> dict[str, float | None]:
+        """All the updates of one rollout batch: `ppo_epochs` x `num_mini_batches`.
+
+        Returns host metrics averaged over the updates, plus `nonfinite` (skipped
+        updates), `timing_s/update`, `perf/tokens_per_s` and `perf/mfu`.
+        Raises NonFiniteError after `max_consecutive_nonfinite` skipped steps in a row.
+        """
+        config = self.config
+        start = time.perf_counter()
+        batch = self.prepare(batch)
+        rows_per_mini = batch.batch_size // config.num_mini_batches
+        step_metrics = []
+        for epoch_key in jax.random.split(rng, config.ppo_epochs):
+            order = np.arange(batch.batch_size)
+            if config.shuffle:
+                order = np.asarray(jax.random.permutation(epoch_key, batch.batch_size))
+            for mini in range(config.num_mini_batches):
+                rows = order[mini * rows_per_mini : (mini + 1) * rows_per_mini]
+                step_metrics.append(self.train_step(batch, jnp.asarray(rows, jnp.int32)))
+        step_metrics = jax.device_get(step_metrics)
+        elapsed = time.perf_counter() - start
+
+        for row in step_metrics:
+            if row["nonfinite"]:
+                self.consecutive_nonfinite += 1
+                self.total_nonfinite += 1
+            else:
+                self.consecutive_nonfinite = 0
+            if self.consecutive_nonfinite >= config.max_consecutive_nonfinite:
+                raise NonFiniteError(
+                    f"{self.consecutive_nonfinite} optimizer steps in a row had a NaN/inf loss "
+                    "or gradient and were skipped; stopping with the last good checkpoint "
+                    "intact. Lower optim.learning_rate or inspect the batch."
+                )
+        finite_rows = [row for row in step_metrics if not row["nonfinite"]] or step_metrics
+        result: dict[str, float | None] = {
+            name: float(np.mean([row[name] for row in finite_rows]))
+            for name in finite_rows[0]
+            if name not in ("nonfinite", "tokens/valid", "sequences/valid")
+        }
+        result["nonfinite"] = float(sum(row["nonfinite"] for row in step_metrics))
+        tokens = batch.tokens.size * config.ppo_epochs
+        result["timing_s/update"] = elapsed
+        result["perf/tokens_per_s"] = tokens / elapsed
+        result["perf/mfu"] = self._mfu(tokens / elapsed, batch.tokens.shape[1])
+        return result
+
+    # ----------------------------------------------------------------------- helpers
+
+    def _check_batch(self, batch: RolloutBatch) -> None:
+        multiple = self.config.rows_multiple()
+        if batch.batch_size % multiple:
+            raise ValueError(
+                f"rollout batch of {batch.batch_size} rows is not a multiple of "
+                f"num_mini_batches x num_micro_batches = {multiple}"
+            )
+        if batch.tokens.shape != batch.mask.shape or batch.tokens.shape != batch.old_logp.shape:
+            raise ValueError(
+                f"tokens {batch.tokens.shape}, mask {batch.mask.shape} and old_logp "
+                f"{batch.old_logp.shape} must all be [B, T]"
+            )
+
+    def _mfu(self, tokens_per_s: float, seq_len: int) -> float | None:
+        model_config = getattr(self.model, "config", None)
+        if model_config is None:
+            return None
+        flops = ctu_metrics.train_flops_per_token(
+            num_params=model_config.num_params(),
+            num_layers=model_config.num_layers,
+            num_heads=model_config.num_heads,
+            head_dim=model_config.head_dim,
+            seq_len=seq_len,
+        )
+        peak = ctu_metrics.peak_flops_per_device(
+            self.mesh.devices.flat[0], override=self.config.peak_flops_per_device
+        )
+        return ctu_metrics.mfu(
+            tokens_per_s=tokens_per_s,
+            flops_per_token=flops,
+            num_devices=self.mesh.devices.size,
+            peak_flops=peak,
+        )
