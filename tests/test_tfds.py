@@ -2,10 +2,13 @@
 
 import importlib
 import json
+import os
 import sys
 
 import pytest
 import tensorflow_datasets as tfds
+
+from tests import toys
 
 builder_module = importlib.import_module("data.ctu_tasks.ctu_tasks_dataset_builder")
 
@@ -51,6 +54,17 @@ def test_array_record_round_trip_without_tensorflow(world_dir, tmp_path):
     files = list((tmp_path / "ctu_tasks" / "1.0.0").glob("*.array_record*"))
     assert len(files) == 3
     assert "tensorflow" not in sys.modules
+
+
+def test_generated_world_round_trip(tmp_path):
+    world_dir = toys.tiny_world(tmp_path, seed=2)
+    builder_module.build(world_dir, tmp_path / "tfds")
+    source = tfds.data_source("ctu_tasks", data_dir=str(tmp_path / "tfds"))
+    for split, file_name in builder_module.SPLIT_FILES.items():
+        with open(os.path.join(world_dir, file_name)) as f:
+            expected = [json.loads(line) for line in f]
+        assert len(source[split]) == len(expected)
+        assert [builder_module.example_to_task(r) for r in source[split]] == expected
 
 
 def test_missing_world_dir_is_a_clear_error(tmp_path):

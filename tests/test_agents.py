@@ -1,0 +1,114 @@
+"""Scripted policies: the oracle solves every task, the heuristic sits in between."""
+
+import pytest
+
+from ctu.world import agents, data, evaluation, phone
+from tests import toys
+
+
+def _run(world, name, tasks, trials=1, seed=0):
+    policy = evaluation.scripted_policy(name, world)
+    return evaluation.run_episodes(policy, world, tasks, trials=trials, seed=seed)
+
+
+def test_oracle_solves_every_task_of_the_shipped_world():
+    world = toys.shipped_world()
+    tasks = list(world.tasks.values())
+    assert {t.split for t in tasks} == set(data.SPLITS) and len(tasks) == 1100
+    results = _run(world, "oracle", tasks)
+    failed = [(r.task_id, r.score, r.failure_type) for r in results if r.score != 1.0]
+    assert not failed, failed[:10]
+    assert {r.ended_by for r in results} == {"user"}  # it always closes with a report
+
+
+def test_oracle_solves_every_task_of_another_seed(tmp_path):
+    world = data.load_world(toys.tiny_world(tmp_path, seed=1))
+    results = _run(world, "oracle", world.split("test"), seed=5)
+    assert all(r.score == 1.0 for r in results)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_heuristic_is_strictly_between_random_and_oracle(split):
+    world = toys.shipped_world()
+    tasks = world.split(split)
+    rates = {}
+    for name in agents.POLICIES:
+        results = _run(world, name, tasks)
+        rates[name] = evaluation.summarize(results, trials=1)
+    success = {name: m["success_rate"] for name, m in rates.items()}
+    score = {name: m["mean_score"] for name, m in rates.items()}
+    assert success["random"] < success["heuristic"] < success["oracle"] == 1.0, success
+    assert score["random"] < score["heuristic"] < score["oracle"], score
+    assert 0.2 < success["heuristic"] < 0.9, success  # a fair share, not all
+
+
+def test_heuristic_does_not_peek_at_the_task():
+    world = toys.shipped_world()
+    task = world.split("val")[3]
+    env_actions = []
+    for task_id in (task.task_id, "not-a-task"):
+        env = evaluation.Environment(world, [task])
+        policy = agents.Heuristic()
+        observation = env.reset(task.task_id)
+        policy.reset(task_id, observation)
+        actions = []
+        while True:
+            actions.append(policy.act(observation))
+            result = env.step(actions[-1])
+            observation = result.observation
+            if result.done:
+                break
+        env_actions.append(actions)
+    assert env_actions[0] == env_actions[1]
+
+
+def _episode(world, policy, task):
+    env = evaluation.Environment(world, [task])
+    observation = env.reset(task.task_id)
+    policy.reset(task.task_id, observation)
+    while True:
+        result = env.step(policy.act(observation))
+        observation = result.observation
+        if result.done:
+            return env.episode, result
+
+
+def test_heuristic_learns_routing_from_the_phone():
+    """Told "speak with X first", it calls X next and then retries the first department."""
+    world = toys.shipped_world()
+    recovered = 0
+    for task in (t for t in world.split("train") if t.level == 3):
+        episode, result = _episode(world, agents.Heuristic(), task)
+        calls = [s.outcome for s in episode.steps if s.name == "make_phone_call"]
+        if calls and calls[0].status == phone.PREREQUISITE_NOT_MET:
+            prerequisite, dependent = (r.department_id for r in task.requests)
+            assert calls[0].department_id == dependent
+            assert calls[1].department_id == prerequisite
+            if episode.phone.all_served:
+                assert [c.department_id for c in calls][-1] == dependent
+                recovered += 1
+    assert recovered >= 10
+
+
+def test_random_policy_is_seeded():
+    world = toys.shipped_world()
+    tasks = world.split("val")[:20]
+    first = _run(world, "random", tasks, seed=3)
+    again = _run(world, "random", tasks, seed=3)
+    other = _run(world, "random", tasks, seed=4)
+    assert first == again
+    assert [r.num_actions for r in first] != [r.num_actions for r in other]
+
+
+def test_parse_auth_values_reads_form_and_clarification_replies():
+    form = "Let me see...\nname: Ava Chen\naddress: 1 Oak St, Lakeside\nphone: I don't have that.\n"
+    form += "last_4_ssn: What do you mean by 'last_4_ssn'?"
+    assert agents.parse_auth_values(form) == {"name": "Ava Chen", "address": "1 Oak St, Lakeside"}
+    assert agents.withheld_fields(form) == ["last_4_ssn"]
+    answer = "Oh, you mean the last four digits of my Social Security number.\nlast_4_ssn: 0042"
+    assert agents.parse_auth_values(answer) == {"last_4_ssn": "0042"}
+
+
+def test_unknown_policy_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="oracle, heuristic, random"):
+        agents.make_policy("genius", toys.shipped_world())
