@@ -104,6 +104,86 @@ def tiny_tokenizer(vocab_size: int = 1024):
 _TINY_TOKENIZER_DIRS: dict[int, str] = {}
 
 
+# --- Tiny model (ctu/models) -------------------------------------------------------------
+
+
+def tiny_model_config(vocab_size: int = 128, **overrides):
+    """The `tiny` ModelConfig preset with a small vocabulary."""
+    from ctu.models import ModelConfig
+
+    return ModelConfig.preset("tiny", vocab_size=vocab_size, **overrides)
+
+
+def tiny_model(config=None, *, seed: int = 0, weight_scale: float = 1.0):
+    """A randomly initialised `Qwen` on the tiny preset.
+
+    `weight_scale` multiplies every matrix so logits and attention are far from uniform,
+    which makes reference comparisons discriminative.
+    """
+    from flax import nnx
+
+    from ctu.models import Qwen
+
+    model = Qwen(config or tiny_model_config(), rngs=nnx.Rngs(seed))
+    if weight_scale != 1.0:
+        for _, node in nnx.iter_graph(model):
+            if isinstance(node, nnx.Param) and node.ndim >= 2:
+                node.set_value(node.get_value() * weight_scale)
+    return model
+
+
+def tiny_hf_checkpoint(
+    path,
+    family: str = "qwen3",
+    *,
+    vocab_size: int = 97,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int | None = None,
+    intermediate_size: int = 96,
+    tie_word_embeddings: bool = True,
+    rope_theta: float = 5000.0,
+    max_shard_size: str | None = None,
+    seed: int = 0,
+):
+    """Saves a tiny random transformers Qwen2/Qwen3 model to `path`; returns the torch model.
+
+    Weights are drawn wider than the HF default and norms/biases are perturbed from their
+    initial constants, so every parameter matters to the logits.
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    fields = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        tie_word_embeddings=tie_word_embeddings,
+        rope_theta=rope_theta,
+        rms_norm_eps=1e-5,
+        initializer_range=0.1,
+    )
+    if family == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**fields))
+    else:
+        fields["head_dim"] = head_dim or hidden_size // num_heads
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**fields))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(0.2 * torch.randn_like(param))
+    model.eval()
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
+    return model
+
+
 # --- World (ctu/world): the shipped world and a perfect policy ---------------------------
 
 WORLD_DIR = __import__("os").path.join(

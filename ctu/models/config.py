@@ -125,6 +125,8 @@ class ModelConfig:
             raise ValueError(
                 "config.json use_sliding_window=true: sliding windows are unsupported."
             )
+        if family == "qwen3" and hf.get("attention_bias"):
+            raise ValueError("config.json attention_bias=true: Qwen3 with biases is unsupported.")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json hidden_act={hf['hidden_act']!r}: only 'silu'.")
         num_heads = hf["num_attention_heads"]
@@ -142,7 +144,7 @@ class ModelConfig:
             rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=True if family == "qwen2" else bool(hf.get("attention_bias", False)),
+            qkv_bias=family == "qwen2",
             qk_norm=family == "qwen3",
             max_position_embeddings=hf.get("max_position_embeddings", 32768),
             param_dtype=dtype if dtype in DTYPES else "float32",
@@ -157,8 +159,8 @@ class ModelConfig:
         """A Hugging Face `config.json` dict that transformers loads as this model."""
         if self.family == "qwen2" and not self.qkv_bias:
             raise ValueError("A qwen2 model without qkv biases has no Hugging Face equivalent.")
-        if self.family == "qwen3" and not self.qk_norm:
-            raise ValueError("A qwen3 model without qk_norm has no Hugging Face equivalent.")
+        if self.family == "qwen3" and (self.qkv_bias or not self.qk_norm):
+            raise ValueError("A qwen3 model needs qk_norm and no qkv biases to match Hugging Face.")
         hf = {
             "architectures": [_HF_ARCHITECTURES[self.family]],
             "model_type": self.family,
@@ -185,7 +187,7 @@ class ModelConfig:
             "eos_token_id": self.eos_token_id,
         }
         if self.family == "qwen3":
-            hf["attention_bias"] = self.qkv_bias
+            hf["attention_bias"] = False
         return hf
 
 

@@ -1,0 +1,211 @@
+"""ModelConfig, the Qwen forward pass and the KV-cache contract."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+from flax import nnx
+
+from ctu.models import PRESETS, KVCache, ModelConfig, Qwen
+from tests import toys
+
+# Published sizes: (hidden, layers, heads, kv heads, head_dim, intermediate, vocab, tied).
+REAL_SIZES = {
+    "qwen2p5_0p5b": (896, 24, 14, 2, 64, 4864, 151936, True),
+    "qwen2p5_1p5b": (1536, 28, 12, 2, 128, 8960, 151936, True),
+    "qwen2p5_7b": (3584, 28, 28, 4, 128, 18944, 152064, False),
+    "qwen3_0p6b": (1024, 28, 16, 8, 128, 3072, 151936, True),
+    "qwen3_1p7b": (2048, 28, 16, 8, 128, 6144, 151936, True),
+    "qwen3_8b": (4096, 36, 32, 8, 128, 12288, 151936, False),
+}
+# Parameter counts of the released checkpoints, in billions.
+REAL_PARAMS_B = {
+    "qwen2p5_0p5b": 0.494,
+    "qwen2p5_1p5b": 1.544,
+    "qwen2p5_7b": 7.616,
+    "qwen3_0p6b": 0.596,
+    "qwen3_1p7b": 1.721,
+    "qwen3_8b": 8.191,
+}
+
+
+class ConfigTest(parameterized.TestCase):
+    @parameterized.parameters(*REAL_SIZES)
+    def test_real_presets(self, name):
+        config = ModelConfig.preset(name)
+        sizes = (
+            config.hidden_size,
+            config.num_layers,
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+            config.intermediate_size,
+            config.vocab_size,
+            config.tie_word_embeddings,
+        )
+        self.assertEqual(sizes, REAL_SIZES[name])
+        self.assertEqual(config.rope_theta, 1_000_000.0)
+        self.assertEqual(config.qkv_bias, name.startswith("qwen2"))
+        self.assertEqual(config.qk_norm, name.startswith("qwen3"))
+        self.assertAlmostEqual(config.num_params() / 1e9, REAL_PARAMS_B[name], delta=0.01)
+
+    @parameterized.parameters(*PRESETS)
+    def test_hf_dict_round_trip(self, name):
+        config = ModelConfig.preset(name)
+        self.assertEqual(ModelConfig.from_hf_dict(config.to_hf_dict()), config)
+
+    def test_transformers_5_rope_parameters(self):
+        hf = ModelConfig.preset("qwen3_0p6b").to_hf_dict()
+        del hf["rope_theta"]
+        hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 123.0}
+        self.assertEqual(ModelConfig.from_hf_dict(hf).rope_theta, 123.0)
+
+    def test_replace_vocab_and_validation(self):
+        config = dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=300)
+        self.assertEqual(config.vocab_size, 300)
+        with self.assertRaisesRegex(ValueError, "num_kv_heads"):
+            ModelConfig.preset("tiny", num_kv_heads=3)
+        with self.assertRaisesRegex(ValueError, "vocab_size"):
+            ModelConfig.preset("tiny", vocab_size=0)
+        with self.assertRaisesRegex(ValueError, "dtype"):
+            ModelConfig.preset("tiny", dtype="float8")
+        with self.assertRaisesRegex(ValueError, "Unknown model preset"):
+            ModelConfig.preset("gpt2")
+        with self.assertRaisesRegex(ValueError, "rope_type"):
+            hf = ModelConfig.preset("tiny").to_hf_dict()
+            hf["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1.0, "factor": 4.0}
+            ModelConfig.from_hf_dict(hf)
+
+
+@nnx.jit
+def forward(model, tokens):
+    return model(tokens)
+
+
+def _reference_logits(model, rows):
+    """Full causal forward without a cache; right padding cannot reach earlier positions."""
+    tokens = np.zeros((len(rows), max(map(len, rows))), np.int32)
+    for b, row in enumerate(rows):
+        tokens[b, : len(row)] = row
+    logits = np.asarray(forward(model, jnp.asarray(tokens)))
+    return [logits[b, : len(row)] for b, row in enumerate(rows)]
+
+
+class ForwardTest(parameterized.TestCase):
+    def test_shapes_dtypes_and_tied_head(self):
+        config = toys.tiny_model_config(vocab_size=50)
+        model = toys.tiny_model(config)
+        tokens = jnp.zeros((3, 7), jnp.int32)
+        logits = forward(model, tokens)
+        chex.assert_shape(logits, (3, 7, 50))
+        chex.assert_type(logits, jnp.float32)
+        self.assertIsNone(model.lm_head)
+        untied = Qwen(dataclasses.replace(config, tie_word_embeddings=False), rngs=nnx.Rngs(0))
+        chex.assert_shape(untied.lm_head[...], (config.hidden_size, 50))
+
+    def test_causal(self):
+        model = toys.tiny_model(weight_scale=4.0)
+        tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 128)
+        changed = tokens.at[:, 6:].set((tokens[:, 6:] + 1) % 128)
+        a, b = forward(model, tokens), forward(model, changed)
+        np.testing.assert_array_equal(a[:, :6], b[:, :6])
+        self.assertGreater(float(jnp.abs(a[:, 6:] - b[:, 6:]).max()), 1e-3)
+
+    def test_bfloat16_close_to_float32(self):
+        config = toys.tiny_model_config()
+        model32 = toys.tiny_model(config, weight_scale=3.0)
+        config16 = dataclasses.replace(config, param_dtype="bfloat16", dtype="bfloat16")
+        model16 = nnx.eval_shape(lambda: Qwen(config16, rngs=nnx.Rngs(0)))
+        nnx.update(model16, jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(model32)))
+        self.assertEqual(model16.layers[0].attn.q_proj[...].dtype, jnp.bfloat16)
+        tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 128)
+        want, got = forward(model32, tokens), forward(model16, tokens)
+        chex.assert_type(got, jnp.float32)
+        scale = float(jnp.abs(want).max())
+        self.assertLess(float(jnp.abs(got - want).max()), 0.05 * scale)
+
+
+class KVCacheTest(parameterized.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.config = toys.tiny_model_config(vocab_size=128)
+        self.model = toys.tiny_model(self.config, weight_scale=4.0)
+        self.rng = np.random.default_rng(0)
+
+    def _step(self):
+        @nnx.jit(donate_argnames="cache")
+        def step(model, tokens, positions, cache):
+            return model(tokens, positions=positions, cache=cache)
+
+        return step
+
+    def test_init_shape(self):
+        cache = KVCache.init(self.config, batch=3, max_len=20, dtype=jnp.bfloat16)
+        chex.assert_shape(cache.k, (2, 3, 20, 2, 32))
+        chex.assert_type(cache.v, jnp.bfloat16)
+        self.assertLen(jax.tree.leaves(cache), 2)
+
+    def test_ragged_prefill_decode_and_continuation(self):
+        """Right-padded ragged prefill, token-by-token decode, then a ragged chunk."""
+        prompt_lens, decode_steps, chunk_lens = [7, 3, 1], 4, [2, 5, 3]
+        rows = [list(self.rng.integers(1, 128, n)) for n in prompt_lens]
+        step = self._step()
+        batch, max_len = len(rows), 24
+        cache = KVCache.init(self.config, batch=batch, max_len=max_len)
+        got = [[] for _ in rows]
+
+        def run(chunks, starts):
+            nonlocal cache
+            width = max(len(c) for c in chunks)
+            tokens = np.zeros((batch, width), np.int32)  # right padding: token 0
+            for b, chunk in enumerate(chunks):
+                tokens[b, : len(chunk)] = chunk
+            positions = np.asarray(starts)[:, None] + np.arange(width)[None]
+            logits, cache = step(self.model, jnp.asarray(tokens), jnp.asarray(positions), cache)
+            for b, chunk in enumerate(chunks):
+                got[b].extend(np.asarray(logits[b, : len(chunk)]))
+
+        run(rows, [0] * batch)
+        lengths = list(prompt_lens)
+        for _ in range(decode_steps):
+            new = [[int(self.rng.integers(1, 128))] for _ in rows]
+            run(new, lengths)
+            for b in range(batch):
+                rows[b] += new[b]
+                lengths[b] += 1
+        chunks = [list(self.rng.integers(1, 128, n)) for n in chunk_lens]
+        run(chunks, lengths)
+        for b in range(batch):
+            rows[b] += chunks[b]
+
+        for b, want in enumerate(_reference_logits(self.model, rows)):
+            np.testing.assert_allclose(np.stack(got[b]), want, atol=1e-4, rtol=0)
+
+    def test_decode_compiles_once(self):
+        step = self._step()
+        cache = KVCache.init(self.config, batch=2, max_len=8)
+        step = chex.assert_max_traces(step, n=1)
+        for t in range(4):
+            positions = jnp.full((2, 1), t, jnp.int32)
+            _, cache = step(self.model, jnp.ones((2, 1), jnp.int32), positions, cache)
+
+    def test_out_of_range_slots_are_dropped(self):
+        cache = KVCache.init(self.config, batch=2, max_len=4)
+        tokens = jnp.ones((2, 3), jnp.int32)
+        positions = jnp.asarray([[0, 1, 2], [4, 5, -1]], jnp.int32)
+        _, cache = self._step()(self.model, tokens, positions, cache)
+        written = np.abs(np.asarray(cache.k)).sum(axis=(0, 3, 4))  # [B, S]
+        np.testing.assert_array_equal(written[0] > 0, [True, True, True, False])
+        np.testing.assert_array_equal(written[1], 0)
+
+    def test_positions_required_with_cache(self):
+        cache = KVCache.init(self.config, batch=1, max_len=4)
+        with self.assertRaisesRegex(ValueError, "positions"):
+            self.model(jnp.ones((1, 2), jnp.int32), cache=cache)
+
+
+if __name__ == "__main__":
+    absltest.main()
