@@ -8,7 +8,7 @@ import hypothesis
 import pytest
 from hypothesis import strategies as st
 
-from ctu.text import ParseResult, ToolCall, json_repair, parse_tool_calls
+from ctu.text import ParseResult, ToolCall, assistant_completion, json_repair, parse_tool_calls
 from ctu.text import parser as parser_lib
 from tests import toys
 
@@ -236,3 +236,33 @@ def test_finds_a_valid_call_wrapped_in_prose(prose, company):
     result = parse_tool_calls(text, TOOLS)
     assert result.calls == [ToolCall("search_company", {"company_name": company})]
     assert result.error is None
+
+
+def test_every_perfect_call_of_the_shipped_world_round_trips():
+    """The template's rendering of each oracle call parses back to that call under the
+    world's own TOOL_SCHEMAS."""
+    tools_module = pytest.importorskip("ctu.world.tools")
+    world = toys.shipped_world()
+    tokenizer = toys.tiny_tokenizer()
+    checked = 0
+    for task in world.split("train")[:100]:
+        plan = toys.perfect_actions(world, task)
+        action = next(plan)
+        while True:
+            if action.name != "respond":
+                call = {
+                    "type": "function",
+                    "function": {"name": action.name, "arguments": action.kwargs},
+                }
+                message = {"role": "assistant", "content": "", "tool_calls": [call]}
+                completion = assistant_completion(tokenizer, message, tools_module.TOOL_SCHEMAS)
+                result = parse_tool_calls(completion, tools_module.TOOL_SCHEMAS)
+                assert result == ParseResult(
+                    [ToolCall(action.name, dict(action.kwargs))], "", "hermes", None
+                )
+                checked += 1
+            try:
+                action = plan.send("")
+            except StopIteration:
+                break
+    assert checked >= 300
