@@ -120,6 +120,10 @@ def test_debug_logs_the_method(caplog):
         )
     assert "method=code_fence+repair" in caplog.text
     assert "required property" in caplog.text
+    assert "hermes found no call, falling back (no match)" in caplog.text
+    caplog.clear()
+    parse_tool_calls("<tool_call>{oops}</tool_call>", TOOLS, debug=False)
+    assert caplog.text == ""
 
 
 _json_values = st.recursive(

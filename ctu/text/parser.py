@@ -97,12 +97,14 @@ def _drop_think(text: str) -> str:
 
 def clean_text(text: str) -> str:
     """Text of one assistant turn without end-of-turn tokens, headers or reasoning."""
-    match = _END_OF_TURN.search(text)
-    while match is not None and not text[: match.start()].strip():
-        text = text[match.end() :]  # a stray end-of-turn token before anything else
-        match = _END_OF_TURN.search(text)
-    if match is not None:
-        text = text[: match.start()]
+    start = 0
+    for match in _END_OF_TURN.finditer(text):
+        if text[start : match.start()].strip():
+            text = text[start : match.start()]
+            break
+        start = match.end()  # a stray end-of-turn token before anything else
+    else:
+        text = text[start:]
     text = _ROLE_HEADER.sub("", text)
     text = _OTHER_SPECIAL.sub("", text)
     return _drop_think(text).strip()
@@ -113,8 +115,8 @@ def clean_text(text: str) -> str:
 
 def _call_dicts(value: Any, known: set[str]) -> list[dict] | None:
     """The call objects in a parsed JSON value, or None if it does not look like calls."""
-    if isinstance(value, list):
-        if not value:
+    if isinstance(value, list):  # a flat list of call objects, never nested lists
+        if not value or not all(isinstance(item, dict) for item in value):
             return None
         calls: list[dict] = []
         for item in value:
@@ -369,7 +371,7 @@ def parse_tool_calls(
 ) -> ParseResult:
     """The tool calls in one assistant turn; never raises (see the module docstring)."""
     try:
-        result = _parse(text, tools)
+        result = _parse(text, tools, debug)
     except Exception as e:  # untrusted input must never crash a rollout
         result = ParseResult([], "", "none", f"parser error {type(e).__name__}: {_short(str(e))}")
     if debug:
@@ -382,7 +384,7 @@ def parse_tool_calls(
     return result
 
 
-def _parse(text: Any, tools: Sequence[dict] | None) -> ParseResult:
+def _parse(text: Any, tools: Sequence[dict] | None, debug: bool) -> ParseResult:
     if not isinstance(text, str):
         return ParseResult([], "", "none", f"expected text, got {type(text).__name__}")
     if len(text) > MAX_INPUT_CHARS:
@@ -401,7 +403,9 @@ def _parse(text: Any, tools: Sequence[dict] | None) -> ParseResult:
             break
         if attempt.errors and not found.errors:
             method, found = name, attempt  # remember the first failed attempt
-        logging.vlog(1, "parse_tool_calls: %s found nothing (%s)", name, attempt.errors[:1])
+        if debug:
+            why = attempt.errors[0] if attempt.errors else "no match"
+            logging.info("parse_tool_calls: %s found no call, falling back (%s)", name, why)
 
     content = text
     for start, end in sorted(found.spans, reverse=True):
