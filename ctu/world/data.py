@@ -197,9 +197,6 @@ class World:
     def split(self, name: str) -> list[Task]:
         return [t for t in self.tasks.values() if t.split == name]
 
-    def department_by_phone(self) -> dict[str, Department]:
-        return {d.phone_number: d for d in self.departments.values()}
-
 
 # ---- decoding JSON records -------------------------------------------------------------
 

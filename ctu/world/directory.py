@@ -56,6 +56,14 @@ class CompanyDirectory:
         self._by_exact_phone = {
             d.phone_number: d for c in self._companies.values() for d in c.departments
         }
+        self._company_of = {
+            d.department_id: c for c in self._companies.values() for d in c.departments
+        }
+        self._greetings = {
+            d.department_id: f"{c.name} {d.name}, how can I help?"
+            for c in self._companies.values()
+            for d in c.departments
+        }
         self._search_cache: dict[str, data.Company | None] = {}
         self._descriptions: dict[str, str] = {}
 
@@ -83,6 +91,13 @@ class CompanyDirectory:
             lines += [f"- {d.name}: {d.phone_number}. {d.description}" for d in company.departments]
             text = self._descriptions[company.company_id] = "\n".join(lines)
         return text
+
+    def company_of(self, department: data.Department) -> data.Company:
+        return self._company_of[department.department_id]
+
+    def greeting(self, department: data.Department) -> str:
+        """How the department's representative answers the phone."""
+        return self._greetings[department.department_id]
 
     def department_for_phone(self, number: str) -> data.Department | None:
         department = self._by_exact_phone.get(number)  # the usual case: copied verbatim

@@ -77,10 +77,6 @@ class Environment:
         self._final = None
         return self.episode.user.opening_message()
 
-    @property
-    def trajectory(self) -> tools.Episode | None:
-        return self.episode
-
     def step(self, action: Action) -> StepResult:
         if self.episode is None:
             raise RuntimeError("call reset(task_id) before step()")
@@ -111,7 +107,8 @@ class Environment:
             return reply.text, reply
         tool = self._tools.get(name) if isinstance(name, str) else None
         if tool is None:
-            error = f"unknown tool {str(name)[:80]!r}; use one of {', '.join(tools.TOOL_NAMES)} or respond"
+            known = ", ".join(tools.TOOL_NAMES)
+            error = f"unknown tool {str(name)[:80]!r}; use one of {known} or respond"
             return f"Error: {error}.", tools.Invalid(error)
         return tool.execute(action.kwargs)
 

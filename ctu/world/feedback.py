@@ -61,18 +61,27 @@ def _last_failed_call(ctx: FeedbackContext):
 
 
 def _success(ctx):
-    return "Task completed correctly: one form with exactly the needed details, the right departments in order, and a report to the user."  # noqa: E501
+    return (
+        "Task completed correctly: one form with exactly the needed details, the right "
+        "departments in order, and a report to the user."
+    )
 
 
 def _malformed(ctx):
-    return f"Your tool call could not run: {ctx.invalid[0]} Call a listed tool with JSON arguments that match its schema."  # noqa: E501
+    return (
+        f"Your tool call could not run: {ctx.invalid[0]} "
+        "Call a listed tool with JSON arguments that match its schema."
+    )
 
 
 def _unknown_company(ctx):
     name = ctx.world.companies[ctx.task.company_id].name
     tried = ", ".join(f"'{q[:60]}'" for q in ctx.searches[:3])
     did = f"Your searches ({tried}) did not find it." if tried else "You never searched for it."
-    return f"The user needs {name}. {did} Call search_company with the company the user named, e.g. '{name}'."  # noqa: E501
+    return (
+        f"The user needs {name}. {did} "
+        f"Call search_company with the company the user named, e.g. '{name}'."
+    )
 
 
 def _missing_auth(ctx):
@@ -80,27 +89,48 @@ def _missing_auth(ctx):
     missing = needed - ctx.collected
     call = _last_failed_call(ctx)
     if not missing and call is not None and call.auth is not None and call.auth.missing:
-        return f"Your call to {_dept(ctx, call.department_id)} lacked {_fields(call.auth.missing)}; pass every field the department requires in auth_info."  # noqa: E501
+        return (
+            f"Your call to {_dept(ctx, call.department_id)} lacked {_fields(call.auth.missing)}; "
+            "pass every field the department requires in auth_info."
+        )
+    if not missing:
+        return (
+            "You passed auth details before the user gave them; collect them with "
+            "auth_info_form first and pass the values exactly as the user gave them."
+        )
     depts = ", ".join(_dept(ctx, r.department_id) for r in ctx.task.requests)
-    return f"You never collected {_fields(missing)} from the user, which {depts} require(s). Ask for all needed fields ({_fields(needed)}) in a single auth_info_form call before phoning."  # noqa: E501
+    return (
+        f"You never collected {_fields(missing)} from the user, which {depts} require(s). "
+        f"Ask for all needed fields ({_fields(needed)}) in a single auth_info_form call "
+        "before phoning."
+    )
 
 
 def _wrong_value(ctx):
     call = _last_failed_call(ctx)
-    return f"The {_fields(call.auth.wrong)} you gave {_dept(ctx, call.department_id)} did not match the user's records; pass the values exactly as the user gave them."  # noqa: E501
+    return (
+        f"The {_fields(call.auth.wrong)} you gave {_dept(ctx, call.department_id)} did not "
+        "match the user's records; pass the values exactly as the user gave them."
+    )
 
 
 def _unknown_number(ctx):
     pending = _pending(ctx)
     target = f" The department you need next is {_dept(ctx, pending[0])}." if pending else ""
-    return f"You dialled a number that is not in service.{target} Use the numbers search_company returns."  # noqa: E501
+    return (
+        f"You dialled a number that is not in service.{target} "
+        "Use the numbers search_company returns."
+    )
 
 
 def _wrong_department(ctx):
     call = _last_failed_call(ctx)
     pending = _pending(ctx)
     right = _dept(ctx, pending[0]) if pending else "none"
-    return f"{_dept(ctx, call.department_id)} does not handle this request. The right department is {right}; match the request to the department descriptions."  # noqa: E501
+    return (
+        f"{_dept(ctx, call.department_id)} does not handle this request. The right department "
+        f"is {right}; match the request to the department descriptions."
+    )
 
 
 def _wrong_order(ctx):
@@ -108,35 +138,56 @@ def _wrong_order(ctx):
     d = ctx.world.departments[call.department_id]
     missing = [p for p in d.prerequisites if p not in ctx.served] or list(d.prerequisites)
     prereq = ", ".join(_dept(ctx, p) for p in missing)
-    return f"{_dept(ctx, call.department_id)} requires that you reach {prereq} first. Call the prerequisite department before {d.name}."  # noqa: E501
+    return (
+        f"{_dept(ctx, call.department_id)} requires that you reach {prereq} first. "
+        f"Call the prerequisite department before {d.name}."
+    )
 
 
 def _repeated_form(ctx):
-    return f"You used auth_info_form more than once. Ask for every needed field ({_fields(ctx.task.required_auth_fields)}) in one form."  # noqa: E501
+    return (
+        "You used auth_info_form more than once. Ask for every needed field "
+        f"({_fields(ctx.task.required_auth_fields)}) in one form."
+    )
 
 
 def _over_collection(ctx):
     extra = ctx.requested - set(ctx.task.required_auth_fields)
-    return f"You asked the user for {_fields(extra)}, which no department in this task needs; ask only for {_fields(ctx.task.required_auth_fields)}."  # noqa: E501
+    return (
+        f"You asked the user for {_fields(extra)}, which no department in this task needs; "
+        f"ask only for {_fields(ctx.task.required_auth_fields)}."
+    )
 
 
 def _oversharing(ctx):
     call = next(c for c in ctx.calls if c.auth and c.auth.extra)
-    return f"You gave {_dept(ctx, call.department_id)} details it does not need ({_fields(call.auth.extra)}); pass each department only its required fields."  # noqa: E501
+    return (
+        f"You gave {_dept(ctx, call.department_id)} details it does not need "
+        f"({_fields(call.auth.extra)}); pass each department only its required fields."
+    )
 
 
 def _needless_calls(ctx):
     failed = sum(c.status != "served" for c in ctx.calls)
-    return f"You made {failed} phone call(s) or repeated searches that achieved nothing; plan the calls from the search result and call each department once."  # noqa: E501
+    return (
+        f"You made {failed} phone call(s) or repeated searches that achieved nothing; plan "
+        "the calls from the search result and call each department once."
+    )
 
 
 def _no_report(ctx):
-    return "Every request was handled, but you never reported back to the user; finish with a short summary message (respond)."  # noqa: E501
+    return (
+        "Every request was handled, but you never reported back to the user; finish with "
+        "a short summary message (respond)."
+    )
 
 
 def _incomplete(ctx):
     pending = ", ".join(_dept(ctx, p) for p in _pending(ctx))
-    return f"You stopped before finishing: {pending} still needed a call. Keep going until every request is served, then report to the user."  # noqa: E501
+    return (
+        f"You stopped before finishing: {pending} still needed a call. Keep going until "
+        "every request is served, then report to the user."
+    )
 
 
 TEMPLATES = {
@@ -213,7 +264,8 @@ class LLMFeedback:
                 {"role": "system", "content": _SYSTEM},
                 {
                     "role": "user",
-                    "content": f"Actions:\n{action_summary(trajectory)}\n\nCritique: {rule_feedback}",
+                    "content": f"Actions:\n{action_summary(trajectory)}\n\n"
+                    f"Critique: {rule_feedback}",
                 },
             ],
         }

@@ -74,10 +74,22 @@ INDUSTRIES = {
     "streaming": ("Media", "Streaming"),
     "healthcare": ("Health", "Care"),
 }
-_PREFIXES = "North South East West Blue Red Green Silver Gold Iron Stone Oak Pine Maple Cedar River Lake Sun Star Bright".split()  # noqa: E501
-_ROOTS = "field ridge gate wood brook view point haven crest vale port bridge dale hill shore land mark line way bay".split()  # noqa: E501
-_FIRST = "Ava Ben Chloe Dev Ella Finn Grace Hugo Iris Jack Kira Leo Maya Noah Olive Paul Quinn Rosa Sam Tara Uma Victor Wren Xavier Yara Zane Amir Bea Carlos Dina".split()  # noqa: E501
-_LAST = "Adams Brooks Chen Diaz Evans Fischer Garcia Hughes Ito Jones Khan Lopez Miller Nguyen Olsen Patel Quinn Reyes Singh Torres Usman Vega Walsh Young Zhou".split()  # noqa: E501
+_PREFIXES = (
+    "North South East West Blue Red Green Silver Gold Iron "
+    "Stone Oak Pine Maple Cedar River Lake Sun Star Bright"
+).split()
+_ROOTS = (
+    "field ridge gate wood brook view point haven crest vale "
+    "port bridge dale hill shore land mark line way bay"
+).split()
+_FIRST = (
+    "Ava Ben Chloe Dev Ella Finn Grace Hugo Iris Jack Kira Leo Maya Noah Olive "
+    "Paul Quinn Rosa Sam Tara Uma Victor Wren Xavier Yara Zane Amir Bea Carlos Dina"
+).split()
+_LAST = (
+    "Adams Brooks Chen Diaz Evans Fischer Garcia Hughes Ito Jones Khan Lopez Miller "
+    "Nguyen Olsen Patel Quinn Reyes Singh Torres Usman Vega Walsh Young Zhou"
+).split()
 _STREETS = "Maple Oak Pine Cedar Elm Birch Lake Hill Park River".split()
 _STREET_KINDS = ("St", "Ave", "Rd", "Ln")
 _CITIES = ("Springfield", "Riverton", "Fairview", "Lakeside", "Greenville", "Madison")
@@ -126,7 +138,8 @@ def _description(kind: str, handles: list[str]) -> str:
 
 def _phone(rng: random.Random, used: set) -> str:
     while True:
-        number = f"+1-{rng.choice(('800', '888', '877', '866'))}-{rng.randint(200, 999)}-{rng.randint(0, 9999):04d}"  # noqa: E501
+        area = rng.choice(("800", "888", "877", "866"))
+        number = f"+1-{area}-{rng.randint(200, 999)}-{rng.randint(0, 9999):04d}"
         if number not in used:
             used.add(number)
             return number
@@ -184,6 +197,25 @@ def _counted(rng: random.Random, counts: dict) -> list:
     return items
 
 
+def _profile_values(rng: random.Random) -> dict[str, str]:
+    name = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
+    account_number = f"{rng.randint(0, 10**10 - 1):010d}"
+    last_4_ssn = f"{rng.randint(0, 9999):04d}"
+    year, month, day = rng.randint(1940, 2004), rng.randint(1, 12), rng.randint(1, 28)
+    number, street = rng.randint(1, 9999), rng.choice(_STREETS)
+    kind, city = rng.choice(_STREET_KINDS), rng.choice(_CITIES)
+    phone = f"555-{rng.randint(200, 999)}-{rng.randint(0, 9999):04d}"
+    return {
+        "name": name,
+        "account_number": account_number,
+        "last_4_ssn": last_4_ssn,
+        "date_of_birth": f"{year}-{month:02d}-{day:02d}",
+        "address": f"{number} {street} {kind}, {city}",
+        "phone": phone,
+        "credit_card_last4": f"{rng.randint(0, 9999):04d}",
+    }
+
+
 def generate_users(rng: random.Random) -> list[dict]:
     completeness = _counted(rng, COMPLETENESS_COUNTS)
     behaviors = _counted(rng, BEHAVIOR_COUNTS)
@@ -191,15 +223,7 @@ def generate_users(rng: random.Random) -> list[dict]:
     missable = data.AUTH_FIELDS[1:]
     users = []
     for i in range(NUM_USERS):
-        values = {
-            "name": f"{rng.choice(_FIRST)} {rng.choice(_LAST)}",
-            "account_number": f"{rng.randint(0, 10**10 - 1):010d}",
-            "last_4_ssn": f"{rng.randint(0, 9999):04d}",
-            "date_of_birth": f"{rng.randint(1940, 2004)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",  # noqa: E501
-            "address": f"{rng.randint(1, 9999)} {rng.choice(_STREETS)} {rng.choice(_STREET_KINDS)}, {rng.choice(_CITIES)}",  # noqa: E501
-            "phone": f"555-{rng.randint(200, 999)}-{rng.randint(0, 9999):04d}",
-            "credit_card_last4": f"{rng.randint(0, 9999):04d}",
-        }
+        values = _profile_values(rng)
         if completeness[i] == "one":
             missing = [rng.choice(missable)]
         elif completeness[i] == "several":

@@ -33,6 +33,10 @@ class CallResult(NamedTuple):
         return self.auth is not None and self.auth.ok
 
 
+# What the representative says it did, per request type.
+_SERVICE_PHRASES = {r: p.replace(" my ", " your ") for r, p in data.REQUEST_PHRASES.items()}
+
+
 def _phrase_list(fields) -> str:
     names = [f.replace("_", " ") for f in fields]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
@@ -48,6 +52,7 @@ class PhoneSystem:
         self._user = user
         self.reached: list[str] = []  # department ids served, in order
         self._served = [False] * len(task.requests)
+        self._first_name = user.name.split()[0]
 
     @property
     def all_served(self) -> bool:
@@ -61,8 +66,8 @@ class PhoneSystem:
         if department is None:
             text = f"The number you have dialled, {phone_number}, is not in service."
             return CallResult(UNKNOWN_NUMBER, text, None, None)
-        company = self._world.companies[self._world.department_company[department.department_id]]
-        greeting = f"{company.name} {department.name}, how can I help?"
+        company = self._directory.company_of(department)
+        greeting = self._directory.greeting(department)
         auth = self._directory.check_auth(department, auth_info, self._user)
         dept_id = department.department_id
         if auth.missing:
@@ -86,20 +91,29 @@ class PhoneSystem:
             if dept_id in self.reached:
                 text = f"{greeting} We already took care of your request earlier."
                 return CallResult(ALREADY_SERVED, text, dept_id, auth)
-            text = f"{greeting} Thanks, you're verified, but {department.name} can't help with what you need; {self._hint(company)}"  # noqa: E501
+            text = (
+                f"{greeting} Thanks, you're verified, but {department.name} can't help with "
+                f"what you need; {self._hint(company)}"
+            )
             return CallResult(WRONG_DEPARTMENT, text, dept_id, auth)
         for prerequisite in department.prerequisites:
             if prerequisite not in self.reached:
                 name = self._world.departments[prerequisite].name
-                text = f"{greeting} Before we can help, you need to speak with our {name} department first."  # noqa: E501
+                text = (
+                    f"{greeting} Before we can help, you need to speak with our {name} "
+                    "department first."
+                )
                 return CallResult(PREREQUISITE_NOT_MET, text, dept_id, auth)
         self._served[index] = True
         self.reached.append(dept_id)
         request = self._task.requests[index]
-        phrase = data.REQUEST_PHRASES[request.request_type].replace(" my ", " your ")
-        first_name = self._user.name.split()[0]
+        phrase = _SERVICE_PHRASES[request.request_type]
+        first_name = self._first_name
         reference = f"{department.type[:3].upper()}-{department.phone_number[-4:]}-{index + 1}"
-        text = f"{greeting} Thank you, {first_name}, you're verified. I've helped you {phrase}. Your reference number is {reference}."  # noqa: E501
+        text = (
+            f"{greeting} Thank you, {first_name}, you're verified. I've helped you {phrase}. "
+            f"Your reference number is {reference}."
+        )
         return CallResult(SERVED, text, dept_id, auth)
 
     def _hint(self, company: data.Company) -> str:
