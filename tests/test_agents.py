@@ -112,3 +112,36 @@ def test_parse_auth_values_reads_form_and_clarification_replies():
 def test_unknown_policy_name_is_a_clear_error():
     with pytest.raises(ValueError, match="oracle, heuristic, random"):
         agents.make_policy("genius", toys.shipped_world())
+
+
+def test_feedback_hints_read_the_world_critiques():
+    """Parsed from real rule-based critiques, the field hints are the task's exact fields."""
+    world = toys.shipped_world()
+    first = _run(world, "heuristic", world.split("val") + world.split("test"))
+    checked = 0
+    for result in first:
+        hints = agents.FeedbackHints.parse(result.feedback)
+        if hints.needed_fields:
+            assert hints.needed_fields == world.tasks[result.task_id].required_auth_fields
+            checked += 1
+        company = world.companies[world.tasks[result.task_id].company_id]
+        phones = {d.phone_number for d in company.departments}
+        for phone_number, _ in hints.drop_fields + hints.add_fields + hints.prerequisites:
+            assert phone_number in phones
+    assert checked >= 20
+
+
+def test_feedback_helps_the_heuristic_and_not_the_others():
+    world = toys.shipped_world()
+    metrics = {
+        name: evaluation.evaluate(
+            evaluation.scripted_policy(name, world), world, "val", mode="feedback"
+        )
+        for name in agents.POLICIES
+    }
+    heuristic = metrics["heuristic"]
+    failures = heuristic["episodes"] * (1 - heuristic["success_rate"])
+    assert heuristic["with_feedback"]["retried"] == round(failures)
+    assert heuristic["with_feedback"]["success_rate"] > heuristic["success_rate"]
+    assert metrics["oracle"]["with_feedback"]["retried"] == 0
+    assert metrics["random"]["with_feedback"]["success_rate"] == metrics["random"]["success_rate"]

@@ -121,7 +121,9 @@ def _cli(*args):
 
 def test_cli_writes_valid_json(tmp_path):
     out = tmp_path / "sub" / "eval.json"
-    proc = _cli("--policy=heuristic", "--split=val", "--trials=2", f"--out={out}")
+    proc = _cli(
+        "--policy=heuristic", "--split=val", "--trials=2", "--mode=feedback", f"--out={out}"
+    )
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads(out.read_text())
     assert REQUIRED_KEYS <= set(metrics)
@@ -129,7 +131,9 @@ def test_cli_writes_valid_json(tmp_path):
     assert set(metrics["by_level"]) == {"1", "2", "3", "4", "5"}
     assert set(metrics["pass_hat_k"]) == {"1", "2"}
     assert sum(metrics["failure_types"].values()) == metrics["episodes"] == 200
-    assert "level 3" in proc.stdout and "pass^k" in proc.stdout
+    assert metrics["mode"] == "feedback"
+    assert metrics["with_feedback"]["success_rate"] >= metrics["success_rate"]
+    assert "level 3" in proc.stdout and "pass^k" in proc.stdout and "with feedback" in proc.stdout
     assert [p.name for p in out.parent.iterdir()] == ["eval.json"]  # no temp file left
 
 
@@ -139,6 +143,7 @@ def test_cli_writes_valid_json(tmp_path):
         (["--split=dev"], "--split"),
         (["--data=/no/such/world"], "launch.make_data"),
         (["--policy=genius"], "--policy"),
+        (["--mode=hint"], "--mode"),
     ],
 )
 def test_cli_user_errors_exit_nonzero_with_a_message(tmp_path, args, message):

@@ -1,9 +1,10 @@
 """Scripted policies: oracle, heuristic, random.
 
-A policy plays one episode at a time: `reset(task_id, observation)` with the
-user's opening message, then `act(observation) -> Action` until the episode is
-done. Only the oracle reads the task and the world; the heuristic and the
-random policy see nothing but the observations.
+A policy plays one episode at a time: `reset(task_id, observation, feedback)`
+with the user's opening message (and, on a retry, the critique of the failed
+attempt), then `act(observation) -> Action` until the episode is done. Only
+the oracle reads the task and the world; the heuristic and the random policy
+see nothing but the observations and the critique.
 
 - `Oracle` knows the task's departments, their order and auth sets (the
   alternate set where the user lacks a field). It solves every generated task
@@ -12,12 +13,15 @@ random policy see nothing but the observations.
   do: search the company the user names, map the request to the department
   whose description mentions it, ask for the auth fields the department-type
   prior suggests, and learn from the phone within the episode (a missing field,
-  a prerequisite department, a wrong department).
+  a prerequisite department, a wrong department). On a retry it also follows
+  what the critique names: the exact fields, a prerequisite, the right
+  department, fields a department does not need.
 - `RandomPolicy` makes seeded random tool calls with plausible-ish arguments.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 
@@ -48,7 +52,7 @@ _NOT_AVAILABLE = ("I don't have", "What do you mean")
 class Policy:
     """The interface evaluation drives: one episode at a time."""
 
-    def reset(self, task_id: str, observation: str) -> None:
+    def reset(self, task_id: str, observation: str, feedback: str | None = None) -> None:
         raise NotImplementedError
 
     def act(self, observation: str) -> Action:
@@ -90,7 +94,8 @@ class Oracle(Policy):
     def __init__(self, world: data.World):
         self.world = world
 
-    def reset(self, task_id: str, observation: str) -> None:
+    def reset(self, task_id: str, observation: str, feedback: str | None = None) -> None:
+        del feedback  # it needs none
         task = self.world.tasks[task_id]
         user = self.world.users[task.user_id]
         self.company = self.world.companies[task.company_id]
@@ -164,14 +169,59 @@ def _phrase_fields(text: str) -> list[str]:
     return [p.replace(" ", "_") for p in parts if p.replace(" ", "_") in data.AUTH_FIELDS]
 
 
+_FIELD_LIST = r"([a-z_0-9]+(?:, [a-z_0-9]+)*)"
+_DEPT_PHONE = r"\((\+[\d-]+)\)"
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedbackHints:
+    """What a rule-based critique (ctu/world/feedback.py) says to do differently."""
+
+    company: str | None = None
+    needed_fields: tuple[str, ...] = ()  # the task's exact form fields
+    add_fields: tuple[tuple[str, str], ...] = ()  # (department phone, field)
+    drop_fields: tuple[tuple[str, str], ...] = ()  # (department phone, field)
+    prerequisites: tuple[tuple[str, str], ...] = ()  # (department phone, its prerequisite's)
+    right_department: str | None = None  # phone
+
+    @classmethod
+    def parse(cls, text: str) -> FeedbackHints:
+        def fields(group: str) -> list[str]:
+            return [f for f in group.split(", ") if f in data.AUTH_FIELDS]
+
+        company = re.search(r"The user needs (.+?)\. ", text)
+        needed = re.search(
+            r"(?:ask only for |every needed field \(|all needed fields \()" + _FIELD_LIST, text
+        )
+        lacked = re.findall(r"Your call to [^(]*" + _DEPT_PHONE + " lacked " + _FIELD_LIST, text)
+        extra = re.findall(
+            r"You gave [^(]*" + _DEPT_PHONE + r" details it does not need \(" + _FIELD_LIST, text
+        )
+        order = re.findall(_DEPT_PHONE + r" requires that you reach ([^.]*) first", text)
+        right = re.search(r"The right department is [^(]*" + _DEPT_PHONE, text)
+        return cls(
+            company=company.group(1) if company else None,
+            needed_fields=tuple(fields(needed.group(1))) if needed else (),
+            add_fields=tuple((phone, f) for phone, group in lacked for f in fields(group)),
+            drop_fields=tuple((phone, f) for phone, group in extra for f in fields(group)),
+            prerequisites=tuple(
+                (phone, before)
+                for phone, group in order
+                for before in re.findall(_DEPT_PHONE, group)
+            ),
+            right_department=right.group(1) if right else None,
+        )
+
+
 class Heuristic(Policy):
     """Directory search + type prior + lessons from the phone, within one episode."""
 
     def __init__(self, seed=0):
         del seed  # deterministic: the same observations give the same actions
 
-    def reset(self, task_id: str, observation: str) -> None:
+    def reset(self, task_id: str, observation: str, feedback: str | None = None) -> None:
         del task_id  # the heuristic does not peek at the task
+        self.hints = FeedbackHints.parse(feedback or "")
         self.message = observation
         self.requests = [
             phrase.replace(" my ", " your ")
@@ -188,9 +238,8 @@ class Heuristic(Policy):
         self.attempts: dict[str, int] = {}
         self.values: dict[str, str] = {}
         self.asked: set[str] = set()
-        self.company_name = _company_mention(observation)
+        self.company_name = self.hints.company or _company_mention(observation)
         self.searches = 0
-        self.pending: list[Action] = []
         self.transcript = ""
         self.last: Action | None = None
         self.actions = 0
@@ -261,7 +310,35 @@ class Heuristic(Policy):
             self.plan = [next(iter(self.departments))]
         for name in self.departments:
             self.guess[name] = self._guess_fields(name)
+        self._apply_hints()
+        if self.hints.needed_fields:
+            return self._form(self.hints.needed_fields)
         return self._form({f for name in self.plan for f in self.guess[name]})
+
+    def _apply_hints(self) -> None:
+        """Folds a critique of an earlier attempt into the plan and the auth guesses."""
+        by_phone = {phone: name for name, (phone, _) in self.departments.items()}
+        hints = self.hints
+        if hints.right_department in by_phone and by_phone[hints.right_department] not in self.plan:
+            self.plan.append(by_phone[hints.right_department])
+        for phone, before in hints.prerequisites:
+            if phone in by_phone and before in by_phone:
+                name, first = by_phone[phone], by_phone[before]
+                if first in self.plan:
+                    self.plan.remove(first)
+                index = self.plan.index(name) if name in self.plan else len(self.plan)
+                self.plan.insert(index, first)
+        if hints.needed_fields:
+            for name in self.guess:
+                self.guess[name] = [f for f in self.guess[name] if f in hints.needed_fields]
+            if len(self.plan) == 1:  # one department: the task's fields are exactly its own
+                self.guess[self.plan[0]] = list(hints.needed_fields)
+        for phone, field in hints.add_fields:
+            if phone in by_phone and field not in self.guess[by_phone[phone]]:
+                self.guess[by_phone[phone]].append(field)
+        for phone, field in hints.drop_fields:
+            if phone in by_phone and field in self.guess[by_phone[phone]]:
+                self.guess[by_phone[phone]].remove(field)
 
     def _learn_from_call(self, observation: str) -> None:
         name = self.plan[0]
@@ -319,7 +396,8 @@ class RandomPolicy(Policy):
     def __init__(self, seed=0):
         self.seed = seed
 
-    def reset(self, task_id: str, observation: str) -> None:
+    def reset(self, task_id: str, observation: str, feedback: str | None = None) -> None:
+        del feedback
         self.rng = random.Random(f"{self.seed}:{task_id}")
         self.words = re.findall(r"[A-Z][a-z]+(?: [A-Z][a-z]+)?", observation) or ["Company"]
         self.numbers: list[str] = []

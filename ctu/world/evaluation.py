@@ -1,13 +1,19 @@
 """Run a policy over a split with K trials -> metrics dict.
 
 A trial is one episode per task. Trial `t` runs the environment with seed
-`seed + t` (the user simulator's wording and choices) and gives the policy the
-per-episode seed `"{seed}:{t}"`, so a run is deterministic for a seed whatever
-the batch size.
+`seed * MAX_TRIALS + t` (the user simulator's wording and choices) and gives
+the policy the per-episode seed `"{seed}:{t}"`, so a run is deterministic for a
+seed whatever the batch size.
+
+Modes (SPEC "Evaluation"): `cold` runs each episode once with no feedback;
+`feedback` then retries every failed episode once, same user, with the
+critique of the failure given to the policy at reset, and reports both the
+first-try metrics and the success after the retry.
 
 Two policy interfaces plug in:
-- a per-episode `Policy` (ctu/world/agents.py: `reset(task_id, observation)`,
-  `act(observation) -> Action`), made by a factory `make(seed) -> Policy`;
+- a per-episode `Policy` (ctu/world/agents.py: `reset(task_id, observation,
+  feedback=None)`, `act(observation) -> Action`), made by a factory
+  `make(seed) -> Policy`;
 - a `BatchPolicy` that acts for many episodes at once (a model sampling a
   batch): `reset(episodes)` with one `EpisodeStart` per row, then
   `act(rows, observations) -> list[Action]` for the rows still running.
@@ -40,6 +46,9 @@ SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "tes
 SUCCESS_SCORE = 1.0 - 1e-6
 # Episodes run side by side; a model policy samples them as one batch.
 DEFAULT_BATCH_SIZE = 64
+# Trial t of a run with seed s runs the environment with seed s * MAX_TRIALS + t.
+MAX_TRIALS = 1000
+MODES = ("cold", "feedback")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +57,7 @@ class EpisodeStart:
     trial: int
     seed: str  # per-episode policy seed
     observation: str  # the user's opening message
+    feedback: str | None = None  # on a retry, the critique of the failed attempt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +70,7 @@ class EpisodeResult:
     failure_type: str
     num_actions: int
     ended_by: str
+    feedback: str = ""  # the critique of this episode
 
     @property
     def success(self) -> bool:
@@ -83,7 +94,7 @@ class PerEpisode:
         self.policies = []
         for episode in episodes:
             policy = self.make(episode.seed)
-            policy.reset(episode.task_id, episode.observation)
+            policy.reset(episode.task_id, episode.observation, episode.feedback)
             self.policies.append(policy)
 
     def act(self, rows: Sequence[int], observations: Sequence[str]) -> list[Action]:
@@ -114,25 +125,54 @@ def run_episodes(
     max_turns: int | None = None,
 ) -> list[EpisodeResult]:
     """Every (trial, task) episode, in that order, run `batch_size` at a time."""
-    if trials < 1:
-        raise ValueError(f"trials must be >= 1, got {trials}")
+    if not 1 <= trials <= MAX_TRIALS:
+        raise ValueError(f"trials must be in 1..{MAX_TRIALS}, got {trials}")
+    queue = [(trial, task, None) for trial in range(trials) for task in tasks]
+    return _run_queue(policy, world, queue, seed, batch_size, max_turns)
+
+
+def retry_failures(
+    policy: BatchPolicy,
+    world: data.World,
+    first: Sequence[EpisodeResult],
+    *,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_turns: int | None = None,
+) -> list[EpisodeResult]:
+    """One retry of every failed episode in `first`, given its critique (same user seed)."""
+    queue = [(r.trial, world.tasks[r.task_id], r.feedback) for r in first if not r.success]
+    return _run_queue(policy, world, queue, seed, batch_size, max_turns)
+
+
+def _run_queue(policy, world, queue, seed, batch_size, max_turns) -> list[EpisodeResult]:
+    """Runs (trial, task, critique or None) episodes in lockstep batches."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     env_kwargs = {} if max_turns is None else {"max_turns": max_turns}
-    queue = [(trial, task) for trial in range(trials) for task in tasks]
+    tasks = list({task.task_id: task for _, task, _ in queue}.values())
     pool: dict[tuple[int, int], Environment] = {}  # (row, trial) -> a reusable environment
     results = []
     for start in range(0, len(queue), batch_size):
         chunk = queue[start : start + batch_size]
-        for row, (trial, _) in enumerate(chunk):
+        for row, (trial, _, _) in enumerate(chunk):
             if (row, trial) not in pool:
-                pool[row, trial] = Environment(world, tasks, seed=seed + trial, **env_kwargs)
-        envs = [pool[row, trial] for row, (trial, _) in enumerate(chunk)]
-        observations = [env.reset(task.task_id) for env, (_, task) in zip(envs, chunk, strict=True)]
+                env_seed = seed * MAX_TRIALS + trial
+                pool[row, trial] = Environment(world, tasks, seed=env_seed, **env_kwargs)
+        envs = [pool[row, trial] for row, (trial, _, _) in enumerate(chunk)]
+        observations = [
+            env.reset(task.task_id) for env, (_, task, _) in zip(envs, chunk, strict=True)
+        ]
         policy.reset(
             [
-                EpisodeStart(task.task_id, trial, f"{seed}:{trial}", obs)
-                for (trial, task), obs in zip(chunk, observations, strict=True)
+                EpisodeStart(
+                    task.task_id,
+                    trial,
+                    f"{seed}:{trial}" + (":retry" if critique is not None else ""),
+                    observation,
+                    critique,
+                )
+                for (trial, task, critique), observation in zip(chunk, observations, strict=True)
             ]
         )
         finished: dict[int, EpisodeResult] = {}
@@ -144,7 +184,7 @@ def run_episodes(
                 step = envs[row].step(action)
                 observations[row] = step.observation
                 if step.done:
-                    trial, task = chunk[row]
+                    trial, task, _ = chunk[row]
                     finished[row] = _result(task, trial, step.info, envs[row])
                 else:
                     still_active.append(row)
@@ -163,6 +203,7 @@ def _result(task: data.Task, trial: int, info: dict, env: Environment) -> Episod
         failure_type=info["failure_type"],
         num_actions=len(env.episode.steps),
         ended_by=info["ended_by"],
+        feedback=info["feedback"],
     )
 
 
@@ -215,17 +256,45 @@ def evaluate(
     *,
     trials: int = 1,
     seed: int = 0,
+    mode: str = "cold",
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> dict:
-    """Runs `policy` over a split with `trials` trials; returns the metrics dict."""
+    """Runs `policy` over a split with `trials` trials; returns the metrics dict.
+
+    With mode="feedback" the dict also has `with_feedback`: success and mean
+    score after one critiqued retry of each failure, overall and per level.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     tasks = split_tasks(world, split)
     start = time.perf_counter()
     results = run_episodes(policy, world, tasks, trials=trials, seed=seed, batch_size=batch_size)
     metrics = summarize(results, trials)
+    if mode == "feedback":
+        retries = retry_failures(policy, world, results, seed=seed, batch_size=batch_size)
+        metrics["with_feedback"] = summarize_retries(results, retries)
     metrics.update(
-        split=SPLIT_NAMES[split], seed=seed, wall_s=round(time.perf_counter() - start, 3)
+        split=SPLIT_NAMES[split], mode=mode, seed=seed, wall_s=round(time.perf_counter() - start, 3)
     )
     return metrics
+
+
+def summarize_retries(first: Sequence[EpisodeResult], retries: Sequence[EpisodeResult]) -> dict:
+    """Metrics of first tries where each failure is replaced by its retry."""
+    retried = {(r.trial, r.task_id): r for r in retries}
+    final = [retried.get((r.trial, r.task_id), r) for r in first]
+    by_level = collections.defaultdict(list)
+    for r in final:
+        by_level[r.level].append(r)
+    return {
+        **_rate(final),
+        "retried": len(retries),
+        "retry_success_rate": _rate(retries)["success_rate"],
+        "by_level": {str(level): _rate(by_level[level]) for level in sorted(by_level)},
+        "retry_failure_types": dict(
+            collections.Counter(r.failure_type for r in retries).most_common()
+        ),
+    }
 
 
 def evaluate_and_write(
@@ -236,6 +305,7 @@ def evaluate_and_write(
     *,
     trials: int = 1,
     seed: int = 0,
+    mode: str = "cold",
 ) -> dict:
     """The `launch.evaluate` command: load the world, evaluate, write JSON, print a table.
 
@@ -249,10 +319,12 @@ def evaluate_and_write(
         )
     if split not in SPLIT_NAMES:  # checked before the (slow) world load
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_NAMES)}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     world = data.load_world(data_dir)
     policy = scripted_policy(policy_name, world)
     metrics = {"policy": policy_name, "data": data_dir}
-    metrics.update(evaluate(policy, world, split, trials=trials, seed=seed))
+    metrics.update(evaluate(policy, world, split, trials=trials, seed=seed, mode=mode))
     write_json_atomic(out_path, metrics)
     print(format_table(metrics))
     return metrics
@@ -283,8 +355,8 @@ def format_table(metrics: dict) -> str:
     rows += [(f"level {lvl}", m) for lvl, m in metrics["by_level"].items()]
     rows += [("held-out co.", metrics["held_out_company"])]
     lines = [
-        f"policy={metrics['policy']} split={metrics['split']} trials={metrics['trials']} "
-        f"seed={metrics['seed']} tasks={metrics['num_tasks']}",
+        f"policy={metrics['policy']} split={metrics['split']} mode={metrics['mode']} "
+        f"trials={metrics['trials']} seed={metrics['seed']} tasks={metrics['num_tasks']}",
         f"{'':14}{'episodes':>9}{'success':>9}{'score':>8}",
     ]
     for label, m in rows:
@@ -295,4 +367,13 @@ def format_table(metrics: dict) -> str:
     )
     failures = [(k, v) for k, v in metrics["failure_types"].items() if k != "success"]
     lines.append("failures: " + (", ".join(f"{k} {v}" for k, v in failures[:6]) or "none"))
+    if "with_feedback" in metrics:
+        retry = metrics["with_feedback"]
+        levels = " ".join(
+            f"L{lvl} {pct(m['success_rate']).strip()}" for lvl, m in retry["by_level"].items()
+        )
+        lines.append(
+            f"with feedback: success {pct(retry['success_rate']).strip()} ({levels}); "
+            f"{retry['retried']} retried, {pct(retry['retry_success_rate']).strip()} of them solved"
+        )
     return "\n".join(lines)
