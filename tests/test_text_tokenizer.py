@@ -54,6 +54,7 @@ def test_build_is_deterministic(tmp_path):
     config = json.loads((tmp_path / "a" / "tokenizer_config.json").read_text())
     assert config["chat_template"] == text.CHAT_TEMPLATE
     assert config["eos_token"] == "<|im_end|>"
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
 
 
 def test_bad_arguments_have_clear_errors(tmp_path):

@@ -94,6 +94,14 @@ def _save_hf(tokenizer: Tokenizer, out_dir: str) -> Any:
     os.makedirs(out_dir, exist_ok=True)
     # Keep the chat template inside tokenizer_config.json, where every loader looks.
     hf_tokenizer.save_pretrained(out_dir, save_jinja_files=False)
+    # transformers 5 writes its own class name; the 4.x name loads in both (vLLM included).
+    config_path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
     return AutoTokenizer.from_pretrained(out_dir)
 
 
