@@ -30,6 +30,22 @@ def _sorted_candidates(logits: jax.Array, config: SamplingConfig):
     return values, ids
 
 
+def _inverse_cdf_sample(rng: jax.Array, logprobs: jax.Array) -> jax.Array:
+    """Index `[batch]` drawn from normalised log-probs `[batch, n]` (-inf allowed).
+
+    One uniform per row and a cumulative sum, instead of `jax.random.categorical`'s
+    Gumbel noise for every vocabulary entry, which dominates a CPU decode step.
+    Zero-probability entries are never chosen: their cumulative sum equals the previous one.
+    """
+    cdf = jnp.cumsum(jnp.exp(logprobs), axis=-1)
+    total = cdf[:, -1:]
+    u = jax.random.uniform(rng, total.shape, jnp.float32) * total
+    index = jnp.sum(cdf <= u, axis=-1)
+    # u can round up to the total; fall back to the last entry that adds mass.
+    last_with_mass = jnp.sum(cdf < total, axis=-1)
+    return jnp.minimum(index, last_with_mass)
+
+
 def sample_tokens(
     rng: jax.Array, logits: jax.Array, config: SamplingConfig
 ) -> tuple[jax.Array, jax.Array]:
@@ -52,14 +68,13 @@ def sample_tokens(
         chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
         return tokens.astype(jnp.int32), chosen
     if not config.filtered:
-        scaled = logits / config.temperature
-        tokens = jax.random.categorical(rng, scaled, axis=-1)
-        logprobs = jax.nn.log_softmax(scaled, axis=-1)
+        logprobs = jax.nn.log_softmax(logits / config.temperature, axis=-1)
+        tokens = _inverse_cdf_sample(rng, logprobs)
         chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
         return tokens.astype(jnp.int32), chosen
     values, ids = _sorted_candidates(logits, config)
-    choice = jax.random.categorical(rng, values, axis=-1)
     logprobs = jax.nn.log_softmax(values, axis=-1)
+    choice = _inverse_cdf_sample(rng, logprobs)
     chosen = jnp.take_along_axis(logprobs, choice[:, None], axis=-1)[:, 0]
     tokens = jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
     return tokens.astype(jnp.int32), chosen
