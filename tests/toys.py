@@ -82,6 +82,8 @@ def text_training_texts() -> list[str]:
 
 def tiny_tokenizer_dir(vocab_size: int = 1024) -> str:
     """A directory holding the tiny BPE tokenizer, built once per test process."""
+    import atexit
+    import shutil
     import tempfile
 
     from ctu.text import build_tokenizer
@@ -89,6 +91,7 @@ def tiny_tokenizer_dir(vocab_size: int = 1024) -> str:
     cache = _TINY_TOKENIZER_DIRS
     if vocab_size not in cache:
         out_dir = tempfile.mkdtemp(prefix="ctu_tiny_tokenizer_")
+        atexit.register(shutil.rmtree, out_dir, ignore_errors=True)
         build_tokenizer(text_training_texts(), out_dir, vocab_size=vocab_size)
         cache[vocab_size] = out_dir
     return cache[vocab_size]
