@@ -10,9 +10,11 @@ import sys
 
 from absl import app, flags
 
-from ctu.world import agents, evaluation
+from ctu.world import evaluation
 
-_POLICY = flags.DEFINE_enum("policy", None, agents.POLICIES, "Policy to run.", required=True)
+_POLICY = flags.DEFINE_enum(
+    "policy", None, list(evaluation.POLICY_FACTORIES), "Policy to run.", required=True
+)
 _SPLIT = flags.DEFINE_enum("split", "val", list(evaluation.SPLIT_NAMES), "Task split.")
 _DATA = flags.DEFINE_string("data", "data/world", "World directory (launch.make_data output).")
 _TRIALS = flags.DEFINE_integer(

@@ -30,7 +30,7 @@ from ctu.world.env import Action
 
 # Every policy ends the episode with a report that is not a question, which the
 # user takes as the end of the conversation.
-FINAL_REPORT = "All done: I called {company} and your request was taken care of. {refs}"
+FINAL_REPORT = "All done: I called {company} and your request was taken care of."
 # Explanations for a user who asks what a form field means.
 FIELD_EXPLANATIONS = {
     "name": "your full name",
@@ -78,11 +78,12 @@ def clarification(fields) -> str:
 
 
 def final_report(company_name: str, transcript: str) -> str:
+    """The closing message, quoting every reference number the calls gave."""
+    text = FINAL_REPORT.format(company=company_name)
     refs = _REFERENCE.findall(transcript)
-    text = FINAL_REPORT.format(company=company_name, refs="")
     if refs:
-        text += "Reference numbers: " + ", ".join(refs) + "."
-    return text.strip()
+        text += " Reference numbers: " + ", ".join(refs) + "."
+    return text
 
 
 # ---- oracle ----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -106,6 +107,13 @@ def scripted_policy(name: str, world: data.World) -> BatchPolicy:
     if name not in agents.POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(agents.POLICIES)}")
     return PerEpisode(lambda seed: agents.make_policy(name, world, seed))
+
+
+# Policy name -> factory(world) -> BatchPolicy; `launch.evaluate --policy` chooses from
+# these, so a model policy registered here runs through the same command.
+POLICY_FACTORIES: dict[str, Callable[[data.World], BatchPolicy]] = {
+    name: functools.partial(scripted_policy, name) for name in agents.POLICIES
+}
 
 
 def split_tasks(world: data.World, split: str) -> list[data.Task]:
@@ -310,19 +318,24 @@ def evaluate_and_write(
     """The `launch.evaluate` command: load the world, evaluate, write JSON, print a table.
 
     Raises FileNotFoundError / ValueError with a message for a bad directory,
-    split or policy name.
+    split, mode or policy name.
     """
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(
             f"no world directory at {data_dir}; write one with "
             "`python -m launch.make_data --out=DIR` or pass --data=data/world"
         )
-    if split not in SPLIT_NAMES:  # checked before the (slow) world load
+    # Checked before the (slow) world load.
+    if policy_name not in POLICY_FACTORIES:
+        raise ValueError(
+            f"unknown policy {policy_name!r}; choose one of {', '.join(POLICY_FACTORIES)}"
+        )
+    if split not in SPLIT_NAMES:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_NAMES)}")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     world = data.load_world(data_dir)
-    policy = scripted_policy(policy_name, world)
+    policy = POLICY_FACTORIES[policy_name](world)
     metrics = {"policy": policy_name, "data": data_dir}
     metrics.update(evaluate(policy, world, split, trials=trials, seed=seed, mode=mode))
     write_json_atomic(out_path, metrics)
