@@ -15,6 +15,8 @@ from ctu.world import data
 MATCH_CUTOFF = 75.0
 # Fuzzy searches are memoised: rollouts repeat the same queries many times.
 SEARCH_CACHE_SIZE = 4096
+# Memoised exact auth sets per (department, user); bounds memory on huge worlds.
+AUTH_CACHE_SIZE = 200_000
 _NON_DIGITS = re.compile(r"\D")
 
 
@@ -66,6 +68,7 @@ class CompanyDirectory:
         }
         self._search_cache: dict[str, data.Company | None] = {}
         self._descriptions: dict[str, str] = {}
+        self._exact_auth: dict[tuple[str, str], list] = {}
 
     def search(self, query: str) -> data.Company | None:
         """The best-matching company for a name, alias or misspelling; None if none."""
@@ -103,23 +106,40 @@ class CompanyDirectory:
         department = self._by_exact_phone.get(number)  # the usual case: copied verbatim
         return department or self._by_phone.get(normalize_phone(number))
 
-    @staticmethod
     def check_auth(
-        department: data.Department, auth_info: Mapping[str, str], user: data.UserProfile
+        self, department: data.Department, auth_info: Mapping[str, str], user: data.UserProfile
     ) -> AuthCheck:
-        """Checks given values against each accepted set; values must match exactly."""
+        """Checks given values against each accepted set; values must match exactly.
+
+        An exact accepted set is one dict comparison against a memo per (department,
+        user): training replays the same tasks, so the memo is the steady state.
+        """
+        key = (department.department_id, user.user_id)
+        exact = self._exact_auth.get(key)
+        if exact is None:
+            values = user.values
+            exact = [
+                ({f: values[f] for f in fields}, AuthCheck(True, fields, (), (), ()))
+                for fields in department.accepted_sets
+            ]
+            if len(self._exact_auth) < AUTH_CACHE_SIZE:
+                self._exact_auth[key] = exact
+        for expected, check in exact:
+            if auth_info == expected:
+                return check
+        return self._diagnose_auth(department, auth_info, user)
+
+    @staticmethod
+    def _diagnose_auth(department, auth_info, user) -> AuthCheck:
+        """The accepted set closest to auth_info, with what is missing, wrong or extra."""
         values = user.values
-        for fields in department.accepted_sets:  # fast path: one set fully matches
+        for fields in department.accepted_sets:  # one set matches, with extra fields
             for f in fields:
                 given = auth_info.get(f)
                 if given is None or given != values[f]:
                     break
             else:
-                extra = (
-                    ()
-                    if len(auth_info) == len(fields)
-                    else tuple(f for f in auth_info if f not in fields)
-                )
+                extra = tuple(f for f in auth_info if f not in fields)
                 return AuthCheck(True, fields, (), (), extra)
         best = None
         for fields in department.accepted_sets:

@@ -37,6 +37,9 @@ class CallResult(NamedTuple):
 _SERVICE_PHRASES = {r: p.replace(" my ", " your ") for r, p in data.REQUEST_PHRASES.items()}
 
 
+_TYPE_CODES = {t: t[:3].upper() for t in data.DEPARTMENT_TYPES}
+
+
 def _phrase_list(fields) -> str:
     names = [f.replace("_", " ") for f in fields]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
@@ -52,6 +55,8 @@ class PhoneSystem:
         self._user = user
         self.reached: list[str] = []  # department ids served, in order
         self._served = [False] * len(task.requests)
+        # A department serves at most one request of a task (the validator checks it).
+        self._request_index = {r.department_id: i for i, r in enumerate(task.requests)}
         self._first_name = user.name.split()[0]
 
     @property
@@ -82,15 +87,11 @@ class PhoneSystem:
 
     def _route(self, department, company, greeting, auth) -> CallResult:
         dept_id = department.department_id
-        index = None
-        for i, request in enumerate(self._task.requests):
-            if request.department_id == dept_id and not self._served[i]:
-                index = i
-                break
+        index = self._request_index.get(dept_id)
+        if index is not None and self._served[index]:
+            text = f"{greeting} We already took care of your request earlier."
+            return CallResult(ALREADY_SERVED, text, dept_id, auth)
         if index is None:
-            if dept_id in self.reached:
-                text = f"{greeting} We already took care of your request earlier."
-                return CallResult(ALREADY_SERVED, text, dept_id, auth)
             text = (
                 f"{greeting} Thanks, you're verified, but {department.name} can't help with "
                 f"what you need; {self._hint(company)}"
@@ -106,13 +107,11 @@ class PhoneSystem:
                 return CallResult(PREREQUISITE_NOT_MET, text, dept_id, auth)
         self._served[index] = True
         self.reached.append(dept_id)
-        request = self._task.requests[index]
-        phrase = _SERVICE_PHRASES[request.request_type]
-        first_name = self._first_name
-        reference = f"{department.type[:3].upper()}-{department.phone_number[-4:]}-{index + 1}"
+        phrase = _SERVICE_PHRASES[self._task.requests[index].request_type]
+        reference = f"{_TYPE_CODES[department.type]}-{department.phone_number[-4:]}-{index + 1}"
         text = (
-            f"{greeting} Thank you, {first_name}, you're verified. I've helped you {phrase}. "
-            f"Your reference number is {reference}."
+            f"{greeting} Thank you, {self._first_name}, you're verified. I've helped you "
+            f"{phrase}. Your reference number is {reference}."
         )
         return CallResult(SERVED, text, dept_id, auth)
 
