@@ -1,0 +1,38 @@
+"""Rollouts: engines (JAX, vLLM), the multi-turn runner, feedback-guided groups, evaluation."""
+
+from ctu.rollout.engine import EngineSession, JaxEngine, RolloutEngine
+from ctu.rollout.groups import (
+    GroupSettings,
+    GroupsResult,
+    WaveStats,
+    choose_feedback_groups,
+    plan_waves,
+    run_groups,
+)
+from ctu.rollout.records import (
+    TOKEN_LIMIT,
+    EpisodeSpec,
+    RolloutRecord,
+    RunnerSettings,
+    RunStats,
+)
+from ctu.rollout.runner import MALFORMED_ACTION, run_episodes
+
+__all__ = [
+    "MALFORMED_ACTION",
+    "TOKEN_LIMIT",
+    "EngineSession",
+    "EpisodeSpec",
+    "GroupSettings",
+    "GroupsResult",
+    "JaxEngine",
+    "RolloutEngine",
+    "RolloutRecord",
+    "RunStats",
+    "RunnerSettings",
+    "WaveStats",
+    "choose_feedback_groups",
+    "plan_waves",
+    "run_episodes",
+    "run_groups",
+]
