@@ -248,3 +248,151 @@ def run_perfect(env, task):
             action = plan.send(result.observation)
         except StopIteration:
             return result
+
+
+# --- Rollouts (ctu/rollout): a scripted engine that plays canned assistant turns ---------
+
+
+def _turn_text(ids, tokenizer) -> str:
+    """What the environment said in an appended chunk (tool results or a user message)."""
+    import re
+
+    text = tokenizer.decode(list(ids), skip_special_tokens=False)
+    responses = re.findall(r"<tool_response>\n(.*?)\n</tool_response>", text, re.DOTALL)
+    if responses:
+        return "\n".join(responses)
+    users = re.findall(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", text, re.DOTALL)
+    return users[-1] if users else text
+
+
+class ScriptedSession:
+    """An EngineSession that 'samples' canned turns, with `ctu.sampling.Session`'s
+    bookkeeping: per-row history, the max_len capacity (a row's history holds at most
+    max_len + 1 ids: max_len fed plus the pending sampled one), max_new_tokens and stop
+    reasons. Every generate call is logged in `calls` as (appends, Generation)."""
+
+    def __init__(self, engine, batch_size: int, max_len: int):
+        self.engine = engine
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.histories = [[] for _ in range(batch_size)]
+        self.rows = [None] * batch_size  # per-row turn functions
+        self.calls = []
+
+    def generate(self, appends, rng):
+        import numpy as np
+
+        from ctu.sampling import LENGTH, STOP, Generation
+
+        del rng
+        tokenizer, budget = self.engine.tokenizer, self.engine.sampling.max_new_tokens
+        tokens = np.zeros((self.batch_size, budget), np.int32)
+        logprobs = np.zeros((self.batch_size, budget), np.float32)
+        num = np.zeros(self.batch_size, np.int32)
+        reasons = [None] * self.batch_size
+        for row, new in enumerate(appends):
+            if new is None:
+                continue
+            history = self.histories[row]
+            if len(history) + len(new) > self.max_len:
+                reasons[row] = LENGTH
+                continue
+            history.extend(new)
+            if self.rows[row] is None:
+                prompt = tokenizer.decode(list(new), skip_special_tokens=False)
+                self.rows[row] = self.engine.script(prompt)
+            ids = self.engine.encode_turn(self.rows[row](_turn_text(new, tokenizer)))
+            room = min(budget, self.max_len + 1 - len(history))
+            reasons[row] = STOP if len(ids) <= room else LENGTH
+            ids = ids[:room]
+            history.extend(ids)
+            tokens[row, : len(ids)] = ids
+            logprobs[row, : len(ids)] = [
+                -0.01 * (1 + (len(history) + i) % 7) for i in range(len(ids))
+            ]
+            num[row] = len(ids)
+        out = Generation(tokens, logprobs, num, tuple(reasons))
+        self.calls.append((list(appends), out))
+        return out
+
+
+class ScriptedEngine:
+    """A RolloutEngine whose turns come from `script(prompt_text) -> turn(observation)`.
+
+    `turn` returns an `Action` (rendered as the chat template renders an assistant
+    message: a tool call, or text for `respond`) or a raw string (emitted verbatim,
+    then `<|im_end|>`). `sessions` keeps every session opened.
+    """
+
+    def __init__(self, tokenizer, script, *, max_new_tokens: int = 512):
+        from ctu.sampling import SamplingConfig
+
+        self.tokenizer = tokenizer
+        self.script = script
+        self.sampling = SamplingConfig(
+            max_new_tokens=max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,)
+        )
+        self.sessions = []
+        self.weight_updates = 0
+
+    def update_weights(self, model) -> None:
+        del model
+        self.weight_updates += 1
+
+    def session(self, batch_size: int, max_len: int):
+        session = ScriptedSession(self, batch_size, max_len)
+        self.sessions.append(session)
+        return session
+
+    def encode_turn(self, turn) -> list:
+        from ctu.text import assistant_completion
+        from ctu.world.tools import TOOL_SCHEMAS
+
+        if isinstance(turn, str):
+            text = turn + "<|im_end|>"
+        elif turn.name == "respond":
+            message = {"role": "assistant", "content": turn.kwargs["content"]}
+            text = assistant_completion(self.tokenizer, message, TOOL_SCHEMAS)
+        else:
+            call = {"name": turn.name, "arguments": turn.kwargs}
+            message = {"role": "assistant", "content": "", "tool_calls": [call]}
+            text = assistant_completion(self.tokenizer, message, TOOL_SCHEMAS)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+def oracle_script(world, *, first_turns=(), fail_unless_guided: bool = False):
+    """A script that plays the oracle for the task whose request ends the prompt's user turn.
+
+    `first_turns` are turns emitted before the oracle starts (e.g. a broken call).
+    `fail_unless_guided`: a rollout whose prompt has no `<previous_attempts>` block
+    gives up at once (score 0), one with the block plays the oracle, so tests can see
+    critiques flow through groups.
+    """
+    from ctu.world import agents
+
+    by_request = {}
+    for task in world.tasks.values():
+        by_request.setdefault(task.user_request, []).append(task.task_id)
+
+    def script(prompt: str):
+        start = prompt.rindex("<|im_start|>user\n") + len("<|im_start|>user\n")
+        opening = prompt[start : prompt.rindex("<|im_end|>")]
+        task_id = next(ids[0] for request, ids in by_request.items() if opening.endswith(request))
+        guided = "<previous_attempts>" in prompt
+        fail = fail_unless_guided and not guided
+        policy = agents.Oracle(world)
+        policy.reset(task_id, opening)
+        queue = list(first_turns)
+
+        def turn(observation: str):
+            if queue:
+                return queue.pop(0)
+            if fail:
+                from ctu.world.env import Action
+
+                return Action("respond", {"content": "Sorry, I cannot help with that."})
+            return policy.act(observation)
+
+        return turn
+
+    return script
