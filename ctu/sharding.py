@@ -116,6 +116,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def kv_cache_sharding(
+    mesh: Mesh, shape: tuple[int, ...], rules: ShardingRules = DEFAULT_RULES
+) -> NamedSharding:
+    """Sharding of a KVCache's k or v `[layers, batch, slots, kv_heads, head_dim]`."""
+    return NamedSharding(mesh, fit_spec(rules.cache_lbskh, tuple(shape), mesh.shape))
+
+
 def state_shardings(tree, mesh: Mesh):
     """NamedShardings for an nnx State / Module (abstract or concrete) from its metadata.
 
