@@ -223,3 +223,18 @@ def test_task_records_round_trip_through_dataclasses():
         r["department_id"] for r in first["requests"]
     ]
     assert list(task.required_auth_fields) == first["required_auth_fields"]
+
+
+def test_level_4_follows_the_global_substitution_rule():
+    world = toys.shipped_world()
+    level_4 = [t for t in world.tasks.values() if t.level == 4]
+    assert level_4
+    for task in level_4:
+        d = world.departments[task.requests[0].department_id]
+        user = world.users[task.user_id]
+        (lacking,) = [f for f in d.auth_fields if f not in d.alternate_auth_fields]
+        substitute = next(s for s in generate.SUBSTITUTES[lacking] if s not in d.auth_fields)
+        assert set(d.alternate_auth_fields) == set(d.auth_fields) - {lacking} | {substitute}
+        assert not user.has(lacking)
+        assert generate.FIELD_PHRASES[lacking] in task.user_request
+        assert set(task.required_auth_fields) == set(d.alternate_auth_fields)

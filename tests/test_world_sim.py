@@ -327,3 +327,13 @@ def test_bad_arguments_say_what_was_wrong(world):
     for name, kwargs, expected in cases:
         observation = env.step(Action(name, kwargs)).observation
         assert observation.startswith("Error:") and expected in observation, (name, observation)
+
+
+def test_tool_schemas_are_openai_functions_with_valid_json_schema():
+    assert tuple(tools.TOOL_CLASSES) == tools.TOOL_NAMES  # one Tool class per schema
+    for schema in tools.TOOL_SCHEMAS:
+        assert schema["type"] == "function"
+        function = schema["function"]
+        assert set(function) == {"name", "description", "parameters"}
+        jsonschema.Draft202012Validator.check_schema(function["parameters"])
+        assert function["parameters"]["additionalProperties"] is False
