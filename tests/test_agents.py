@@ -27,10 +27,9 @@ def test_oracle_solves_every_task_of_another_seed(tmp_path):
     assert all(r.score == 1.0 for r in results)
 
 
-@pytest.mark.parametrize("split", ["val", "test"])
-def test_heuristic_is_strictly_between_random_and_oracle(split):
+def test_heuristic_is_strictly_between_random_and_oracle():
     world = toys.shipped_world()
-    tasks = world.split(split)
+    tasks = world.split("val")
     rates = {}
     for name in agents.POLICIES:
         results = _run(world, name, tasks)

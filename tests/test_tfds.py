@@ -56,8 +56,8 @@ def test_array_record_round_trip_without_tensorflow(world_dir, tmp_path):
     assert "tensorflow" not in sys.modules
 
 
-def test_generated_world_round_trip(tmp_path):
-    world_dir = toys.tiny_world(tmp_path, seed=2)
+def test_shipped_world_round_trip(tmp_path):
+    world_dir = toys.WORLD_DIR
     builder_module.build(world_dir, tmp_path / "tfds")
     source = tfds.data_source("ctu_tasks", data_dir=str(tmp_path / "tfds"))
     for split, file_name in builder_module.SPLIT_FILES.items():
