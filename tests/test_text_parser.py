@@ -153,7 +153,7 @@ _python_values = st.recursive(
 )
 
 
-@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.settings(max_examples=100, deadline=None)
 @hypothesis.given(value=_json_values, ensure_ascii=st.booleans())
 def test_repair_keeps_the_meaning_of_valid_json(value, ensure_ascii):
     encoded = json.dumps(value, ensure_ascii=ensure_ascii)
@@ -213,13 +213,13 @@ _markup = st.sampled_from(
 )
 
 
-@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.settings(max_examples=200, deadline=None)
 @hypothesis.given(text=st.text())
 def test_never_raises_on_arbitrary_text(text):
     assert isinstance(parse_tool_calls(text, TOOLS), ParseResult)
 
 
-@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.settings(max_examples=200, deadline=None)
 @hypothesis.given(parts=st.lists(_markup | st.text(max_size=8), max_size=60))
 def test_never_raises_on_nested_junk(parts):
     result = parse_tool_calls("".join(parts), TOOLS)

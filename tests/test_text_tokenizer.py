@@ -38,7 +38,7 @@ def test_vocabulary_is_learned_and_bounded(tokenizer):
     assert len(tokenizer.encode("department", add_special_tokens=False)) < len("department")
 
 
-@hypothesis.settings(max_examples=100, deadline=None)
+@hypothesis.settings(max_examples=50, deadline=None)
 @hypothesis.given(sample=st.text(max_size=80))
 def test_byte_level_round_trip(tokenizer, sample):
     ids = tokenizer.encode(sample, add_special_tokens=False)
@@ -120,7 +120,7 @@ def test_make_tokenizer_entry_point(tmp_path):
     out = tmp_path / "tok"
     subprocess.run(
         [sys.executable, "-m", "launch.make_tokenizer", f"--data={world}", f"--out={out}"]
-        + ["--vocab_size=400"],
+        + ["--vocab_size=400", "--episodes=0"],
         cwd=REPO_ROOT,
         check=True,
         capture_output=True,
@@ -132,6 +132,15 @@ def test_make_tokenizer_entry_point(tmp_path):
     here = tmp_path / "here"
     text.make_world_tokenizer(str(world), str(here), 400, tools=tools_module.TOOL_SCHEMAS)
     assert (here / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
+
+
+def test_episode_texts_hold_tool_outputs():
+    pytest.importorskip("ctu.world.env")
+    world_dir = os.path.join(REPO_ROOT, "data", "world")
+    texts = text.episode_texts(world_dir, num_episodes=2)
+    assert any("Departments:" in t for t in texts)  # a search_company result
+    assert any(t.startswith('{"fields": [') for t in texts)  # an auth_info_form call
+    assert text.episode_texts(world_dir, num_episodes=2) == texts
 
 
 CONVERSATION = [

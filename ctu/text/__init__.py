@@ -8,7 +8,13 @@ from ctu.text.chat_template import (
 )
 from ctu.text.conversation import ConversationBuilder, assistant_completion
 from ctu.text.parser import ParseResult, ToolCall, clean_text, parse_tool_calls
-from ctu.text.tokenizer import build_tokenizer, load_tokenizer, make_world_tokenizer, world_texts
+from ctu.text.tokenizer import (
+    build_tokenizer,
+    episode_texts,
+    load_tokenizer,
+    make_world_tokenizer,
+    world_texts,
+)
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -21,6 +27,7 @@ __all__ = [
     "assistant_completion",
     "build_tokenizer",
     "clean_text",
+    "episode_texts",
     "load_tokenizer",
     "make_world_tokenizer",
     "parse_tool_calls",

@@ -163,8 +163,43 @@ def world_texts(data_dir: str, tools: Sequence[dict] | None = None) -> list[str]
     return [t for t in texts if t]
 
 
+def episode_texts(data_dir: str, num_episodes: int, seed: int = 0) -> list[str]:
+    """What a policy reads and writes in scripted episodes on the first train tasks (the
+    oracle's and the heuristic's, alternating): tool outputs, user replies, final reports.
+    Deterministic for a world and seed."""
+    from ctu.world import agents, data
+    from ctu.world.env import Environment
+
+    world = data.load_world(data_dir)
+    env = Environment(world, seed=seed)
+    texts: list[str] = []
+    for i, task in enumerate(world.split("train")[:num_episodes]):
+        policy = agents.Oracle(world) if i % 2 == 0 else agents.Heuristic(seed=seed + i)
+        observation = env.reset(task.task_id)
+        policy.reset(task.task_id, observation)
+        texts.append(observation)
+        while True:
+            action = policy.act(observation)
+            texts.append(json.dumps(dict(action.kwargs), ensure_ascii=False))
+            step = env.step(action)
+            texts.append(step.observation)
+            if step.done:
+                break
+            observation = step.observation
+    return texts
+
+
 def make_world_tokenizer(
-    data_dir: str, out_dir: str, vocab_size: int, tools: Sequence[dict] | None = None
+    data_dir: str,
+    out_dir: str,
+    vocab_size: int,
+    tools: Sequence[dict] | None = None,
+    *,
+    num_episodes: int = 0,
 ) -> Any:
-    """`build_tokenizer(world_texts(data_dir, tools), out_dir, vocab_size)`."""
-    return build_tokenizer(world_texts(data_dir, tools), out_dir, vocab_size=vocab_size)
+    """`build_tokenizer` on `world_texts(data_dir, tools)` plus, when num_episodes > 0,
+    `episode_texts(data_dir, num_episodes)`."""
+    texts = world_texts(data_dir, tools)
+    if num_episodes > 0:
+        texts += episode_texts(data_dir, num_episodes)
+    return build_tokenizer(texts, out_dir, vocab_size=vocab_size)
