@@ -1,9 +1,11 @@
 """Run a policy over a split with K trials -> metrics dict.
 
 A trial is one episode per task. Trial `t` runs the environment with seed
-`seed * MAX_TRIALS + t` (the user simulator's wording and choices) and gives
-the policy the per-episode seed `"{seed}:{t}"`, so a run is deterministic for a
-seed whatever the batch size.
+`env_seed(seed, t) = seed + t` (the user simulator's wording and choices) and
+gives the policy the per-episode seed `"{seed}:{t}"`, so a run is
+deterministic for a seed whatever the batch size. Model evaluation
+(ctu/rollout/evaluate.py) uses the same environment seeds, so its numbers
+compare with the scripted policies'.
 
 Modes (SPEC "Evaluation"): `cold` runs each episode once with no feedback;
 `feedback` then retries every failed episode once, same user, with the
@@ -47,7 +49,7 @@ SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "tes
 SUCCESS_SCORE = 1.0 - 1e-6
 # Episodes run side by side; a model policy samples them as one batch.
 DEFAULT_BATCH_SIZE = 64
-# Trial t of a run with seed s runs the environment with seed s * MAX_TRIALS + t.
+# Most trials per task a run accepts.
 MAX_TRIALS = 1000
 MODES = ("cold", "feedback")
 
@@ -116,6 +118,11 @@ POLICY_FACTORIES: dict[str, Callable[[data.World], BatchPolicy]] = {
 }
 
 
+def env_seed(seed: int, trial: int) -> int:
+    """The environment seed of trial `trial` in a run with seed `seed`."""
+    return seed + trial
+
+
 def split_tasks(world: data.World, split: str) -> list[data.Task]:
     if split not in SPLIT_NAMES:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_NAMES)}")
@@ -165,8 +172,9 @@ def _run_queue(policy, world, queue, seed, batch_size, max_turns) -> list[Episod
         chunk = queue[start : start + batch_size]
         for row, (trial, _, _) in enumerate(chunk):
             if (row, trial) not in pool:
-                env_seed = seed * MAX_TRIALS + trial
-                pool[row, trial] = Environment(world, tasks, seed=env_seed, **env_kwargs)
+                pool[row, trial] = Environment(
+                    world, tasks, seed=env_seed(seed, trial), **env_kwargs
+                )
         envs = [pool[row, trial] for row, (trial, _, _) in enumerate(chunk)]
         observations = [
             env.reset(task.task_id) for env, (_, task, _) in zip(envs, chunk, strict=True)
