@@ -47,7 +47,8 @@ def test_byte_level_round_trip(tokenizer, sample):
 
 def test_build_is_deterministic(tmp_path):
     texts = toys.text_training_texts()
-    text.build_tokenizer(texts, str(tmp_path / "a"), vocab_size=600)
+    built = text.build_tokenizer(texts, str(tmp_path / "a"), vocab_size=600)
+    assert len(built) == 600  # enough text to fill the vocabulary exactly
     text.build_tokenizer(texts, str(tmp_path / "b"), vocab_size=600)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
