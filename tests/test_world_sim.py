@@ -337,3 +337,9 @@ def test_tool_schemas_are_openai_functions_with_valid_json_schema():
         assert set(function) == {"name", "description", "parameters"}
         jsonschema.Draft202012Validator.check_schema(function["parameters"])
         assert function["parameters"]["additionalProperties"] is False
+
+
+def test_tool_rewards_count_a_clarified_field_as_collected(world):
+    task = _task(world, 2, "needs_clarification")
+    result = toys.run_perfect(Environment(world), task)
+    assert result.info["tool_rewards"] == {name: 1.0 for name in tools.TOOL_NAMES}

@@ -19,7 +19,7 @@ import jsonschema
 
 from ctu.world import data, phone
 from ctu.world.directory import CompanyDirectory
-from ctu.world.users import FormReply, UserSimulator
+from ctu.world.users import FormReply, UserReply, UserSimulator
 
 # Longest string argument accepted; real names and numbers are far shorter, and
 # a cap keeps a runaway generation from flooding the observation.
@@ -325,7 +325,8 @@ class AuthInfoForm(Tool):
 
     def calc_reward(self) -> float:
         needed = set(self.episode.task.required_auth_fields)
-        got = {f for o in self._outcomes(FormReply) for f in o.provided}
+        # A clarification answer (UserReply) completes the form's withheld fields.
+        got = {f for o in self._outcomes((FormReply, UserReply)) for f in o.provided}
         return len(needed & got) / len(needed)
 
 
