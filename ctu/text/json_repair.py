@@ -18,13 +18,13 @@ _PYTHON_LITERALS = {"True": "true", "False": "false", "None": "null"}
 _CLOSER = {"{": "}", "[": "]"}
 
 
-def _reject_constant(name: str) -> Any:
+def reject_constant(name: str) -> Any:
     raise ValueError(f"non-JSON constant {name}")
 
 
 def loads_strict(text: str) -> Any:
     """`json.loads` without NaN/Infinity (not JSON; models should not send them)."""
-    return json.loads(text, parse_constant=_reject_constant)
+    return json.loads(text, parse_constant=reject_constant)
 
 
 def _drop_trailing_comma(out: list[str]) -> None:

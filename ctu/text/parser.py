@@ -252,7 +252,7 @@ def _code_fence(text: str, known: set[str]) -> _Found:
 def _bare_json(text: str, known: set[str]) -> _Found:
     """JSON values in prose, tried at each `{` / `[` (bounded work on hostile input)."""
     found = _Found()
-    decoder = json.JSONDecoder(parse_constant=json_repair._reject_constant)
+    decoder = json.JSONDecoder(parse_constant=json_repair.reject_constant)
     pos, tried, budget = 0, 0, 4 * MAX_INPUT_CHARS  # budget: chars the Python scans may read
     while tried < MAX_JSON_CANDIDATES:
         starts = [i for i in (text.find("{", pos), text.find("[", pos)) if i >= 0]
