@@ -19,6 +19,14 @@ def test_oracle_solves_every_task_of_the_shipped_world():
     failed = [(r.task_id, r.score, r.failure_type) for r in results if r.score != 1.0]
     assert not failed, failed[:10]
     assert {r.ended_by for r in results} == {"user"}  # it always closes with a report
+    behaviour = evaluation.summarize(results, trials=1)["behaviour"]
+    assert behaviour == {
+        "info_gathering_completeness": 1.0,
+        "call_order_correctness": 1.0,
+        "tool_call_efficiency": 1.0,  # minimal_actions counts exactly the oracle's plan
+        "malformed_call_rate": 0.0,
+        "tool_calls_per_episode": pytest.approx(sum(2 + len(t.requests) for t in tasks) / 1100),
+    }
 
 
 def test_oracle_solves_every_task_of_another_seed(tmp_path):
@@ -97,6 +105,7 @@ def test_random_policy_is_seeded():
     other = _run(world, "random", tasks, seed=4)
     assert first == again
     assert [r.num_actions for r in first] != [r.num_actions for r in other]
+    assert sum(r.malformed_calls for r in first) > 0  # it exercises the error path too
 
 
 def test_parse_auth_values_reads_form_and_clarification_replies():

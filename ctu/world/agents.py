@@ -25,7 +25,7 @@ import dataclasses
 import random
 import re
 
-from ctu.world import data, generate
+from ctu.world import data, generate, tools
 from ctu.world.env import Action
 
 # Every policy ends the episode with a report that is not a question, which the
@@ -388,6 +388,7 @@ RANDOM_ACTION_WEIGHTS = {
     "auth_info_form": 2,
     "make_phone_call": 4,
     "respond": 1,
+    "malformed": 0.5,
 }
 
 
@@ -423,8 +424,13 @@ class RandomPolicy(Policy):
             return Action(
                 kind, {"phone_number": number, "auth_info": {f: self.values[f] for f in fields}}
             )
-        content = rng.choice(("Could you tell me more?", "I have done what I can. Goodbye."))
-        return Action(kind, {"content": content})
+        if kind == "respond":
+            content = rng.choice(("Could you tell me more?", "I have done what I can. Goodbye."))
+            return Action(kind, {"content": content})
+        # A malformed call now and then: a wrong argument name or type.
+        return Action(
+            rng.choice(tools.TOOL_NAMES), rng.choice(({"name": "x"}, {"fields": "name"}, []))
+        )
 
 
 POLICIES = ("oracle", "heuristic", "random")

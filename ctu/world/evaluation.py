@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from ctu.world import agents, data
+from ctu.world import agents, data, phone, tools, users
 from ctu.world.env import Action, Environment
 
 # Splits by the names the command line accepts.
@@ -74,6 +74,13 @@ class EpisodeResult:
     num_actions: int
     ended_by: str
     feedback: str = ""  # the critique of this episode
+    # Behaviour (None where the producer did not record it).
+    tool_calls: int | None = None
+    phone_calls: int | None = None
+    malformed_calls: int | None = None  # unknown tool or bad arguments
+    order_violations: int | None = None  # calls refused for an unmet prerequisite
+    auth_collected: float | None = None  # share of the needed auth fields collected
+    minimal_actions: int | None = None  # the oracle's action count for the task
 
     @property
     def success(self) -> bool:
@@ -210,6 +217,8 @@ def _run_queue(policy, world, queue, seed, batch_size, max_turns) -> list[Episod
 
 
 def _result(task: data.Task, trial: int, info: dict, env: Environment) -> EpisodeResult:
+    steps = env.episode.steps
+    calls = [s.outcome for s in steps if isinstance(s.outcome, phone.CallResult)]
     return EpisodeResult(
         task_id=task.task_id,
         level=task.level,
@@ -217,10 +226,25 @@ def _result(task: data.Task, trial: int, info: dict, env: Environment) -> Episod
         trial=trial,
         score=float(info["score"]),
         failure_type=info["failure_type"],
-        num_actions=len(env.episode.steps),
+        num_actions=len(steps),
         ended_by=info["ended_by"],
         feedback=info["feedback"],
+        tool_calls=sum(s.name in tools.TOOL_NAMES for s in steps),
+        phone_calls=len(calls),
+        malformed_calls=sum(isinstance(s.outcome, tools.Invalid) for s in steps),
+        order_violations=sum(c.status == phone.PREREQUISITE_NOT_MET for c in calls),
+        auth_collected=float(info["partial_scores"]["auth_collected"]),
+        minimal_actions=minimal_actions(env.world, task),
     )
+
+
+def minimal_actions(world: data.World, task: data.Task) -> int:
+    """Search, form, a clarification if the user will ask one, one call per request, report."""
+    user = world.users[task.user_id]
+    asks = user.behavior == "needs_clarification" and any(
+        f in users.JARGON_FIELDS and user.has(f) for f in task.required_auth_fields
+    )
+    return 3 + len(task.requests) + asks
 
 
 def pass_hat_k(successes: Sequence[int], trials: int, k: int) -> float:
@@ -262,7 +286,38 @@ def summarize(results: Sequence[EpisodeResult], trials: int) -> dict:
         "failure_types": dict(collections.Counter(r.failure_type for r in results).most_common()),
         "ended_by": dict(collections.Counter(r.ended_by for r in results).most_common()),
         "mean_actions": sum(r.num_actions for r in results) / len(results),
+        "behaviour": behaviour(results),
     }
+
+
+def behaviour(results: Sequence[EpisodeResult]) -> dict:
+    """SPEC behaviour metrics, over the episodes that recorded them.
+
+    info_gathering_completeness: mean share of the needed auth fields collected;
+    call_order_correctness: share of phone calls not refused for an unmet
+    prerequisite; tool_call_efficiency: mean of minimal / actual actions;
+    malformed_call_rate: share of actions that were malformed tool calls.
+    """
+    recorded = [r for r in results if r.tool_calls is not None]
+    if not recorded:
+        return {}
+    phone_calls = sum(r.phone_calls for r in recorded)
+    phone_refusals = sum(r.order_violations for r in recorded)
+    actions = sum(r.num_actions for r in recorded)
+    return {
+        "info_gathering_completeness": _mean(r.auth_collected for r in recorded),
+        "call_order_correctness": 1.0 - phone_refusals / phone_calls if phone_calls else None,
+        "tool_call_efficiency": _mean(
+            min(1.0, r.minimal_actions / r.num_actions) for r in recorded if r.num_actions
+        ),
+        "malformed_call_rate": sum(r.malformed_calls for r in recorded) / actions,
+        "tool_calls_per_episode": sum(r.tool_calls for r in recorded) / len(recorded),
+    }
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
 
 
 def evaluate(
