@@ -443,6 +443,14 @@ def format_table(metrics: dict) -> str:
     )
     failures = [(k, v) for k, v in metrics["failure_types"].items() if k != "success"]
     lines.append("failures: " + (", ".join(f"{k} {v}" for k, v in failures[:6]) or "none"))
+    b = metrics["behaviour"]
+    if b:
+        lines.append(
+            f"behaviour: auth collected {pct(b['info_gathering_completeness']).strip()}, "
+            f"call order {pct(b['call_order_correctness']).strip()}, "
+            f"efficiency {pct(b['tool_call_efficiency']).strip()}, "
+            f"malformed {pct(b['malformed_call_rate']).strip()}"
+        )
     if "with_feedback" in metrics:
         retry = metrics["with_feedback"]
         levels = " ".join(
