@@ -297,11 +297,16 @@ def _pythonic(text: str, known: set[str]) -> _Found:
     for match in re.finditer(rf"\b({names})\(([^()]*)\)", text):
         try:
             node = ast.parse(f"f({match.group(2)})", mode="eval").body
-            if not isinstance(node, ast.Call) or node.args:
+            if not isinstance(node, ast.Call):
+                raise ValueError("not a call")
+            if len(node.args) == 1 and not node.keywords:  # name({"key": value})
+                arguments = ast.literal_eval(node.args[0])
+            elif node.args:
                 raise ValueError("only keyword arguments are supported")
-            arguments = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
-            if None in arguments:
-                raise ValueError("**kwargs are not supported")
+            else:
+                arguments = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+                if None in arguments:
+                    raise ValueError("**kwargs are not supported")
         except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError) as e:
             found.errors.append(f"cannot read call {_short(match.group(0))}: {e}")
             continue
@@ -354,12 +359,13 @@ def _validation_error(call: ToolCall, schemas: dict[str, dict]) -> str | None:
 
 
 def _attempt_errors(text: str, known: set[str]) -> list[str]:
-    """Errors for text that tried to call a tool in no format we read."""
+    """Errors for text that tried to call a tool in no format we read: a tool name right
+    before a JSON object (`search_company: {...}`), not a name mentioned in prose."""
     if "<tool_call>" in text:
         return ["found <tool_call> but no call JSON in it"]
     for name in sorted(known):
-        if re.search(rf"\b{re.escape(name)}\s*[:({{]", text):
-            return [f"text mentions tool {name!r} but holds no parsable tool call"]
+        if re.search(rf"\b{re.escape(name)}\s*[:(]?\s*\{{", text):
+            return [f"text names tool {name!r} before a JSON object but holds no parsable call"]
     return []
 
 
