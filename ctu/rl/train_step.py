@@ -312,15 +312,19 @@ class Learner:
         self, state: nnx.State, batch: RolloutBatch, rows: jax.Array
     ) -> tuple[nnx.State, dict[str, jax.Array]]:
         """One optimizer update on the mini-batch `batch[rows]`; NaN/inf steps are dropped."""
+        # merge() may hand `state`'s Variables to the model, which the update mutates:
+        # keep the old arrays aside to select them when the step is not finite.
+        old_leaves = jax.tree.leaves(state)
         model, optimizer = nnx.merge(self._graphdef, state)
         mini = _constrain_rows(jax.tree.map(lambda x: x[rows], batch))
         grads, step_metrics = mini_batch_gradients(model, mini, self.config)
         finite = _all_finite(grads) & jnp.isfinite(step_metrics["loss"])
-        step_metrics["grad_norm"] = optax.global_norm(grads)
+        step_metrics["grad_norm"] = optax.tree.norm(grads)
         step_metrics["learning_rate"] = self._schedule(optimizer.step[...])
         step_metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
         optimizer.update(model, grads)
-        new_state = _select(finite, nnx.state((model, optimizer)), state)
+        new_leaves, treedef = jax.tree.flatten(nnx.state((model, optimizer)))
+        new_state = jax.tree.unflatten(treedef, _select(finite, new_leaves, old_leaves))
         return jax.lax.with_sharding_constraint(new_state, self._state_shardings), step_metrics
 
     # ----------------------------------------------------------------------- public
