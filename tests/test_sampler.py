@@ -1,8 +1,13 @@
-"""The sampler against the model's own forward pass: log-probs, greedy, stops, turns."""
+"""The sampler against the model's own forward pass: log-probs, greedy, stops, turns.
+
+Sessions share max_len, batch bucket and sampling settings where they can, so the
+jitted steps compile once for several tests.
+"""
+
+import functools
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 from flax import nnx
@@ -11,6 +16,11 @@ from ctu.models import ModelConfig, Qwen
 from ctu.sampling import LENGTH, STOP, SamplingConfig, Session, engine
 
 VOCAB = 256
+MAX_LEN = 128
+STOP_IDS = tuple(range(0, VOCAB, 12))  # ~8% of the vocabulary ends a turn
+SAMPLED = SamplingConfig(max_new_tokens=16, stop_token_ids=STOP_IDS)
+GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=16)
+TOP_1 = SamplingConfig(top_k=1, max_new_tokens=16)
 
 
 def _peaked_tiny_model(seed: int = 0) -> Qwen:
@@ -23,17 +33,12 @@ def _peaked_tiny_model(seed: int = 0) -> Qwen:
 
 def _prompts(seed: int, lengths) -> list[list[int]]:
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, VOCAB, size=n).tolist() for n in lengths]
+    return [rng.integers(0, VOCAB, size=int(n)).tolist() for n in lengths]
 
 
-def _full_logprobs(model: Qwen, histories: list[list[int]]) -> list[np.ndarray]:
-    """log_softmax of `model(history)` per row; row t predicts token t + 1."""
-    width = max(map(len, histories))
-    tokens = np.zeros((len(histories), width), np.int32)
-    for row, history in enumerate(histories):
-        tokens[row, : len(history)] = history
-    logprobs = np.asarray(jax.nn.log_softmax(model(jnp.asarray(tokens)), axis=-1))
-    return [logprobs[row, : len(h)] for row, h in enumerate(histories)]
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_logprobs(graphdef, state, tokens):
+    return jax.nn.log_softmax(nnx.merge(graphdef, state)(tokens), axis=-1)
 
 
 class SamplerTest(chex.TestCase):
@@ -41,15 +46,29 @@ class SamplerTest(chex.TestCase):
     def setUpClass(cls):
         super().setUpClass()
         cls.model = _peaked_tiny_model()
-        cls.params = nnx.state(cls.model)
+        cls.graphdef, cls.params = nnx.split(cls.model)
+
+    def _session(self, sampling, batch_size=5, **kwargs):
+        return Session(
+            self.model, batch_size=batch_size, max_len=MAX_LEN, sampling=sampling, **kwargs
+        )
+
+    def _full_logprobs(self, session) -> list[np.ndarray]:
+        """log_softmax of the training forward over each row's history; t predicts t + 1."""
+        histories = [session.history(row) for row in range(session.batch_size)]
+        # One compiled shape for every test; a full row also holds its pending token.
+        tokens = np.zeros((8, MAX_LEN + 1), np.int32)
+        for row, history in enumerate(histories):
+            tokens[row, : len(history)] = history
+        logprobs = np.asarray(_forward_logprobs(self.graphdef, self.params, tokens))
+        return [logprobs[row, : len(h)] for row, h in enumerate(histories)]
 
     def _check_against_forward(self, session, turns, generations):
         """Every sampled token's log-prob equals the full forward's, across all turns."""
-        histories = [session.history(row) for row in range(session.batch_size)]
-        forward = _full_logprobs(self.model, histories)
-        for row, history in enumerate(histories):
+        forward = self._full_logprobs(session)
+        for row in range(session.batch_size):
+            history, position = session.history(row), 0
             # Walk the history: appended tokens first, then the sampled ones, per turn.
-            position = 0
             for appends, out in zip(turns, generations, strict=True):
                 if appends[row] is None or out.stop_reasons[row] is None:
                     continue
@@ -62,9 +81,7 @@ class SamplerTest(chex.TestCase):
             self.assertEqual(position, len(history))
 
     def test_logprobs_match_forward_ragged_multi_turn(self):
-        stop_ids = tuple(range(0, VOCAB, 12))  # ~8% of the vocabulary ends a turn
-        sampling = SamplingConfig(max_new_tokens=24, stop_token_ids=stop_ids)
-        session = Session(self.model, batch_size=5, max_len=128, sampling=sampling)
+        session = self._session(SAMPLED)
         turns = [
             _prompts(1, [3, 17, 9, 1, 30]),
             [[5, 6], None, [7], [8, 9, 10, 11, 12, 13], []],
@@ -80,11 +97,11 @@ class SamplerTest(chex.TestCase):
             for row, reason in enumerate(out.stop_reasons):
                 tokens = out.row_tokens(row)
                 if reason == STOP:
-                    self.assertIn(tokens[-1], stop_ids)
-                    self.assertFalse(set(tokens[:-1]) & set(stop_ids))
+                    self.assertIn(tokens[-1], STOP_IDS)
+                    self.assertFalse(set(tokens[:-1]) & set(STOP_IDS))
                 elif reason == LENGTH:
-                    self.assertLen(tokens, sampling.max_new_tokens)
-                    self.assertFalse(set(tokens) & set(stop_ids))
+                    self.assertLen(tokens, SAMPLED.max_new_tokens)
+                    self.assertFalse(set(tokens) & set(STOP_IDS))
         self._check_against_forward(session, turns, outs)
         # The cache holds everything but the pending last sampled token.
         np.testing.assert_array_equal(
@@ -92,45 +109,49 @@ class SamplerTest(chex.TestCase):
         )
 
     def test_greedy_is_argmax_of_forward_and_top_k_1_agrees(self):
-        turns = [_prompts(2, [4, 11, 7]), [[3, 4], [5], None]]
-        results = {}
-        for name, sampling in {
-            "greedy": SamplingConfig(temperature=0.0, max_new_tokens=10),
-            "top1": SamplingConfig(top_k=1, max_new_tokens=10),
-        }.items():
-            session = Session(self.model, batch_size=3, max_len=64, sampling=sampling)
+        turns = [_prompts(2, [4, 11, 7, 1, 2]), [[3, 4], [5], None, [6], [7, 8, 9]]]
+        tokens = {}
+        for name, sampling in {"greedy": GREEDY, "top1": TOP_1}.items():
+            session = self._session(sampling)
             outs = [
                 session.generate(a, self.params, jax.random.key(i)) for i, a in enumerate(turns)
             ]
-            results[name] = [s.tolist() for s in (outs[0].tokens, outs[1].tokens)]
-            histories = [session.history(row) for row in range(3)]
-        for row, history in enumerate(histories):
-            logits = np.asarray(self.model(jnp.asarray([history])))[0]
-            prompt_len = len(turns[0][row])
-            for t in range(prompt_len, len(history)):
-                if t in range(prompt_len + 10, prompt_len + 10 + len(turns[1][row] or [])):
-                    continue  # appended tokens of turn 2
-                self.assertGreaterEqual(logits[t - 1, history[t]], logits[t - 1].max() - 1e-5)
-        self.assertEqual(results["greedy"], results["top1"])
+            tokens[name] = [out.tokens.tolist() for out in outs]
+            if name == "greedy":
+                greedy_session, greedy_outs = session, outs
+        # top_k=1 reports log-prob 0 (its distribution is a point mass); greedy the raw one.
+        np.testing.assert_array_equal(outs[0].logprobs, 0.0)
+        self._check_against_forward(greedy_session, turns, greedy_outs)
+        self.assertEqual(tokens["greedy"], tokens["top1"])
+        forward = self._full_logprobs(session)
+        for row in range(session.batch_size):
+            history, position = session.history(row), 0
+            for appends, out in zip(turns, outs, strict=True):
+                if appends[row] is None:
+                    continue
+                position += len(appends[row])
+                for t in range(position, position + out.num_tokens[row]):
+                    self.assertGreaterEqual(
+                        forward[row][t - 1, history[t]], forward[row][t - 1].max() - 1e-5
+                    )
+                position += out.num_tokens[row]
 
     def test_deterministic_for_a_given_key(self):
-        sampling = SamplingConfig(top_p=0.9, max_new_tokens=8)
-        prompts = _prompts(3, [5, 2, 8])
+        prompts = _prompts(3, [5, 2, 8, 1, 1])
 
         def run(seed):
-            session = Session(self.model, batch_size=3, max_len=32, sampling=sampling)
+            session = self._session(SAMPLED)
             return session.generate(prompts, self.params, jax.random.key(seed)).tokens
 
         np.testing.assert_array_equal(run(0), run(0))
         self.assertFalse(np.array_equal(run(0), run(1)))
 
     def test_full_cache_and_overflow_stop_with_length(self):
-        sampling = SamplingConfig(max_new_tokens=20)
-        session = Session(self.model, batch_size=2, max_len=16, sampling=sampling)
-        turn = _prompts(4, [10, 3])
+        session = self._session(GREEDY, batch_size=2)
+        turn = _prompts(4, [MAX_LEN - 6, 3])
         out = session.generate(turn, self.params, jax.random.key(0))
-        # A row of n prompt tokens feeds 16 - n samples and keeps one more pending.
-        self.assertEqual(out.num_tokens.tolist(), [7, 14])
+        # Row 0 feeds 6 samples into its last free slots and keeps a 7th pending.
+        self.assertEqual(out.num_tokens.tolist(), [7, GREEDY.max_new_tokens])
         self.assertEqual(out.stop_reasons, (LENGTH, LENGTH))
         self._check_against_forward(session, [turn], [out])
         again = session.generate([[1], None], self.params, jax.random.key(1))
@@ -138,19 +159,14 @@ class SamplerTest(chex.TestCase):
         self.assertEqual(again.stop_reasons, (LENGTH, None))
 
     def test_bounded_compiles_and_new_weights_do_not_recompile(self):
-        sampling = SamplingConfig(max_new_tokens=3, stop_token_ids=(7,))
+        sampling = SamplingConfig(max_new_tokens=3, stop_token_ids=(7,))  # used nowhere else
         before = dict(engine.TRACE_COUNTS)
         rng = np.random.default_rng(5)
         for call in range(12):
             if call % 4 == 0:
-                session = Session(
-                    self.model,
-                    batch_size=int(rng.integers(5, 9)),
-                    max_len=96,
-                    sampling=sampling,
-                    min_append_bucket=8,
-                )
-                appends = _prompts(call, rng.integers(1, 30, size=session.batch_size))
+                size = int(rng.integers(5, 9))
+                session = self._session(sampling, batch_size=size, min_append_bucket=8)
+                appends = _prompts(call, rng.integers(1, 30, size=size))
             else:
                 appends = [
                     rng.integers(0, VOCAB, size=int(n)).tolist() if n else None
@@ -163,10 +179,10 @@ class SamplerTest(chex.TestCase):
             k: engine.TRACE_COUNTS[k] - before.get(k, 0) for k in ("append_step", "decode_step")
         }
         self.assertLessEqual(traces["append_step"], 3)  # buckets 8, 16, 32
-        self.assertLessEqual(traces["decode_step"], 1)
+        self.assertEqual(traces["decode_step"], 1)
 
     def test_user_errors(self):
-        session = Session(self.model, batch_size=2, max_len=16, sampling=SamplingConfig())
+        session = self._session(SAMPLED, batch_size=2)
         with self.assertRaisesRegex(ValueError, "2"):
             session.generate([[1]], self.params, jax.random.key(0))
         with self.assertRaisesRegex(ValueError, "prompt"):
