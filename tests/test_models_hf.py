@@ -131,6 +131,12 @@ class HFParityTest(parameterized.TestCase):
             from_hf(tempfile.mkdtemp(dir=self.dir))
         hf_dir = os.path.join(self.dir, "hf")
         toys.tiny_hf_checkpoint(hf_dir, family="qwen2")
+        with open(os.path.join(hf_dir, "config.json")) as f:
+            hf_config = json.load(f)
+        with open(os.path.join(hf_dir, "config.json"), "w") as f:
+            json.dump(dict(hf_config, intermediate_size=80), f)
+        with self.assertRaisesRegex(ValueError, "mlp.gate_proj.weight.*does not fit"):
+            from_hf(hf_dir)
         os.remove(os.path.join(hf_dir, "model.safetensors"))
         with self.assertRaisesRegex(FileNotFoundError, "model.safetensors"):
             from_hf(hf_dir)

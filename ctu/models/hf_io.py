@@ -6,6 +6,7 @@ Our weights keep one axis per named dimension; Hugging Face linear weights are
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -125,18 +126,24 @@ def from_hf(
     variables = _variables(model)
     shardings = _variables_shardings(model, mesh) if mesh is not None else {}
 
-    handles = {}
     used = set()
-    try:
+    with contextlib.ExitStack() as stack:
+        handles = {}
         for ours, name, split in _weight_table(config):
             if name not in files:
                 raise ValueError(f"{path}: tensor {name!r} is missing from the checkpoint.")
-            file = files[name]
-            if file not in handles:
-                handles[file] = safe_open(file, framework="numpy")
+            if files[name] not in handles:
+                handles[files[name]] = stack.enter_context(
+                    safe_open(files[name], framework="numpy")
+                )
+            hf_weight = handles[files[name]].get_tensor(name)
             variable = variables[ours]
-            weight = _to_ours(handles[file].get_tensor(name), variable.shape, split)
-            weight = weight.astype(config.jnp_param_dtype)
+            if hf_weight.size != math.prod(variable.shape):
+                raise ValueError(
+                    f"{path}: tensor {name!r} has shape {hf_weight.shape}, which does not fit "
+                    f"{'.'.join(map(str, ours))} {variable.shape} of config.json's model."
+                )
+            weight = _to_ours(hf_weight, variable.shape, split).astype(config.jnp_param_dtype)
             if ours in shardings:
                 array = jax.make_array_from_callback(
                     weight.shape, shardings[ours], lambda index, w=weight: w[index]
@@ -145,8 +152,6 @@ def from_hf(
                 array = jax.numpy.asarray(weight)
             variable.set_value(array)
             used.add(name)
-    finally:
-        handles.clear()
 
     unexpected = [
         name
