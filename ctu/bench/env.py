@@ -8,6 +8,8 @@ Figures, on the shipped world (data/world), all 1100 tasks:
 - `us_per_tool_call`: one `Environment.step` with a tool call, argument
   validation included: the oracle's calls (search, form, phone) replayed in a
   warm environment; also per tool.
+- `us_per_tool_execute`: `Tool.execute` alone on the same calls (validation and
+  the tool's work, without the environment's step bookkeeping).
 - `us_per_validation`: argument validation alone, on the same arguments.
 - `us_per_reward`: one `compute_score_with_feedback` on a finished episode
   (oracle, heuristic and random episodes, so failures and feedback too).
@@ -93,6 +95,30 @@ def _tool_step_times(env: Environment, recorded) -> list[tuple[str, float]]:
     return times
 
 
+def _tool_execute_times(env: Environment, recorded) -> list[float]:
+    """Seconds of each `Tool.execute` (validation + the tool's work, no env bookkeeping).
+
+    The bench's own tool instances join each episode through their lifecycle
+    (`create`, `release`); the state they act on (user, phone) is the episode's.
+    """
+    clock = time.perf_counter
+    times = []
+    episode_tools = {name: cls() for name, cls in tools.TOOL_CLASSES.items()}
+    for task, actions, _ in recorded:
+        env.reset(task.task_id)
+        for tool in episode_tools.values():
+            tool.create(env.episode)
+        for action in actions:
+            tool = episode_tools.get(action.name)
+            if tool is not None:
+                start = clock()
+                tool.execute(action.kwargs)
+                times.append(clock() - start)
+        for tool in episode_tools.values():
+            tool.release()
+    return times
+
+
 def _per_call_us(passes: list[list[float]]) -> list[float]:
     """Each call's median over passes, in microseconds."""
     return [1e6 * statistics.median(times) for times in zip(*passes, strict=True)]
@@ -132,6 +158,9 @@ def _tool_call_timings(world: data.World, tasks, recorded) -> dict:
         for tool in tools.TOOL_NAMES
     }
 
+    _tool_execute_times(env, recorded)
+    execute_us = _per_call_us([_tool_execute_times(env, recorded) for _ in range(REPEATS)])
+
     validators = {name: cls().validator for name, cls in tools.TOOL_CLASSES.items()}
     arguments = [
         (validators[a.name], a.kwargs)
@@ -152,6 +181,7 @@ def _tool_call_timings(world: data.World, tasks, recorded) -> dict:
         "tool_calls_timed": len(per_call),
         "us_per_tool_call": round(_mean(per_call), 3),
         "us_per_tool_call_by_tool": by_tool,
+        "us_per_tool_execute": round(_mean(execute_us), 3),
         "us_per_validation": round(_mean(_per_call_us(validation_passes)), 3),
     }
 
