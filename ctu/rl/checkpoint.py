@@ -178,13 +178,12 @@ class Checkpointer:
         self.close()
 
 
-def export_to_hf(model: nnx.Module, out_dir: str | os.PathLike, **kwargs) -> Any:
-    """Writes the policy as a Hugging Face checkpoint through `ctu.models.to_hf`.
+def export_to_hf(model: nnx.Module, out_dir: str | os.PathLike, *, dtype: Any = None) -> Any:
+    """Writes the policy as a Hugging Face folder through `ctu.models.to_hf`.
 
-    Only process 0 writes; `kwargs` go to `to_hf` unchanged.
+    Call it on every process: sharded weights are gathered, then process 0 writes.
+    `dtype` (e.g. "bfloat16") defaults to the model's parameter dtype.
     """
     from ctu.models import to_hf  # Imported here: checkpointing itself needs no model code.
 
-    if jax.process_index() != 0:
-        return None
-    return to_hf(model, os.fspath(out_dir), **kwargs)
+    return to_hf(model, model.config, os.fspath(out_dir), dtype=dtype)
