@@ -1,6 +1,7 @@
 """Rollouts: engines (JAX, vLLM), the multi-turn runner, feedback-guided groups, evaluation."""
 
 from ctu.rollout.engine import EngineSession, JaxEngine, RolloutEngine
+from ctu.rollout.evaluate import evaluate_model, run_model_episodes
 from ctu.rollout.groups import (
     GroupSettings,
     GroupsResult,
@@ -17,6 +18,7 @@ from ctu.rollout.records import (
     RunStats,
 )
 from ctu.rollout.runner import MALFORMED_ACTION, run_episodes
+from ctu.rollout.vllm_engine import VllmEngine
 
 __all__ = [
     "MALFORMED_ACTION",
@@ -30,9 +32,12 @@ __all__ = [
     "RolloutRecord",
     "RunStats",
     "RunnerSettings",
+    "VllmEngine",
     "WaveStats",
     "choose_feedback_groups",
+    "evaluate_model",
     "plan_waves",
     "run_episodes",
     "run_groups",
+    "run_model_episodes",
 ]
