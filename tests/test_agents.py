@@ -3,6 +3,7 @@
 import pytest
 
 from ctu.world import agents, data, evaluation, phone
+from ctu.world.env import Environment
 from tests import toys
 
 
@@ -54,7 +55,7 @@ def test_heuristic_does_not_peek_at_the_task():
     task = world.split("val")[3]
     env_actions = []
     for task_id in (task.task_id, "not-a-task"):
-        env = evaluation.Environment(world, [task])
+        env = Environment(world, [task])
         policy = agents.Heuristic()
         observation = env.reset(task.task_id)
         policy.reset(task_id, observation)
@@ -70,7 +71,7 @@ def test_heuristic_does_not_peek_at_the_task():
 
 
 def _episode(world, policy, task):
-    env = evaluation.Environment(world, [task])
+    env = Environment(world, [task])
     observation = env.reset(task.task_id)
     policy.reset(task.task_id, observation)
     while True:
