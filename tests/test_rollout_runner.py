@@ -1,5 +1,7 @@
 """The multi-turn runner with a scripted engine: text <-> env plumbing, ids, masks, limits."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -156,6 +158,13 @@ def test_turn_limit_ends_the_episode(tokenizer, world):
     (record,), _ = _run(engine, world, tokenizer, [task.task_id], max_turns=3)
     assert record.ended_by == "turn_limit" and len(record.steps) == 3 and not record.truncated
     assert record.reward < 1.0
+
+
+def test_engine_must_stop_at_the_end_of_turn(tokenizer, world):
+    engine = toys.ScriptedEngine(tokenizer, toys.oracle_script(world))
+    engine.sampling = dataclasses.replace(engine.sampling, stop_token_ids=())
+    with pytest.raises(ValueError, match="end-of-turn"):
+        _run(engine, world, tokenizer, [_tasks(world, levels=(1,))[0].task_id])
 
 
 def test_settings_are_validated():

@@ -109,6 +109,13 @@ def run_episodes(
         return [], RunStats(0, 0, 0, 0.0, 0.0, 0.0)
     start = time.perf_counter()
     rows = [_start_row(spec, world, tokenizer, settings) for spec in specs]
+    end_of_turn = rows[0].conv.end_of_turn_id
+    if end_of_turn not in engine.sampling.stop_token_ids:
+        raise ValueError(
+            f"the engine's SamplingConfig.stop_token_ids {engine.sampling.stop_token_ids} lack "
+            f"the end-of-turn id {end_of_turn}: every turn would run to max_new_tokens; add "
+            "tokenizer.convert_tokens_to_ids('<|im_end|>') to stop_token_ids."
+        )
     session = engine.session(len(rows), settings.max_total_tokens - 1)
     records: list[RolloutRecord | None] = [None] * len(rows)
     appends: list[list[int] | None] = []
