@@ -14,6 +14,7 @@ from flax import nnx
 
 from ctu.models import ModelConfig, Qwen
 from ctu.sampling import LENGTH, STOP, SamplingConfig, Session, engine
+from ctu.sharding import make_mesh, state_shardings
 
 VOCAB = 256
 MAX_LEN = 128
@@ -180,6 +181,24 @@ class SamplerTest(chex.TestCase):
         }
         self.assertLessEqual(traces["append_step"], 3)  # buckets 8, 16, 32
         self.assertEqual(traces["decode_step"], 1)
+
+    def test_sharded_session_matches_single_device(self):
+        chex.assert_devices_available(8, "cpu")
+        mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+        params = jax.device_put(self.params, state_shardings(self.params, mesh))
+        turns = [_prompts(6, [5, 9, 2, 7, 3]), [[1, 2], None, [3], [4, 5, 6], [7]]]
+        outs = {}
+        for name, (mesh_or_none, weights) in {
+            "single": (None, self.params),
+            "sharded": (mesh, params),
+        }.items():
+            session = self._session(GREEDY, mesh=mesh_or_none)
+            outs[name] = [session.generate(a, weights, jax.random.key(0)) for a in turns]
+        for single, sharded in zip(outs["single"], outs["sharded"], strict=True):
+            np.testing.assert_array_equal(single.tokens, sharded.tokens)
+            np.testing.assert_allclose(single.logprobs, sharded.logprobs, atol=1e-4)
+            self.assertEqual(single.stop_reasons, sharded.stop_reasons)
+        self.assertLen(session._cache.k.sharding.device_set, 8)
 
     def test_user_errors(self):
         session = self._session(SAMPLED, batch_size=2)

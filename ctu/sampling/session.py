@@ -15,6 +15,7 @@ Compiles: the append step once per append-length bucket (powers of two up to
 structure, shapes and `SamplingConfig`, and are reused when the weights change.
 """
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 
@@ -26,6 +27,7 @@ from ctu.models import KVCache
 from ctu.sampling import engine
 from ctu.sampling.buckets import append_bucket, batch_bucket
 from ctu.sampling.settings import SamplingConfig
+from ctu.sharding import BATCH_AXES, fit_spec, kv_cache_sharding
 
 STOP = "stop"
 LENGTH = "length"
@@ -71,6 +73,7 @@ class Session:
         sampling: SamplingConfig,
         cache_dtype=None,
         min_append_bucket: int = 16,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         """Creates an empty session.
 
@@ -82,6 +85,9 @@ class Session:
           sampling: sampling settings.
           cache_dtype: KV cache dtype; default the model's `KVCache.init` default.
           min_append_bucket: smallest padded append length.
+          mesh: the ("data", "fsdp", "tensor") mesh the weights live on, if any: the
+            cache is created sharded (rows over data/fsdp, kv heads over tensor), inputs
+            are placed batch-sharded and the steps run under the mesh.
         """
         if max_len < 2:
             raise ValueError(f"max_len must be >= 2 tokens, got {max_len}.")
@@ -94,10 +100,18 @@ class Session:
         self.model_config = model.config
         self.graphdef = nnx.graphdef(model)
         self._rows = batch_bucket(batch_size)
-        cache_kwargs = {} if cache_dtype is None else {"dtype": cache_dtype}
-        self._cache = KVCache.init(
-            self.model_config, batch=self._rows, max_len=max_len, **cache_kwargs
-        )
+        self.mesh = mesh
+
+        def init_cache():
+            return KVCache.init(self.model_config, self._rows, max_len, dtype=cache_dtype)
+
+        if mesh is None:
+            self._cache = init_cache()
+        else:
+            shape = jax.eval_shape(init_cache).k.shape
+            sharding = kv_cache_sharding(mesh, shape)
+            # Born sharded: a large cache never sits whole on one device.
+            self._cache = jax.jit(init_cache, out_shardings=KVCache(k=sharding, v=sharding))()
         self._lengths = np.zeros(self._rows, np.int32)
         self._pending: list[int | None] = [None] * self._rows
         self._history: list[list[int]] = [[] for _ in range(batch_size)]
@@ -110,6 +124,12 @@ class Session:
     def history(self, row: int) -> list[int]:
         """Every token of row `row` so far, appended and sampled, in order."""
         return list(self._history[row])
+
+    def _row_sharding(self, shape) -> jax.sharding.NamedSharding:
+        """Rows over ("data", "fsdp") where they divide, everything else replicated."""
+        names = (BATCH_AXES,) + (None,) * (len(shape) - 1)
+        spec = fit_spec(names, tuple(shape), self.mesh.shape)
+        return jax.sharding.NamedSharding(self.mesh, spec)
 
     def generate(
         self,
@@ -176,27 +196,34 @@ class Session:
         active = num_new > 0
 
         rng_append, rng_decode = jax.random.split(rng)
-        self._cache, first_tokens, first_logprobs = engine.append_step(
-            self.graphdef,
-            params,
-            self._cache,
-            chunk_tokens,
-            positions,
-            num_new,
-            rng_append,
-            config=self.sampling,
-        )
-        out = engine.decode_step(
-            self.graphdef,
-            params,
-            self._cache,
-            first_tokens,
-            first_logprobs,
-            self._lengths + num_new,
-            active,
-            rng_decode,
-            config=self.sampling,
-        )
+        lengths = self._lengths + num_new
+        if self.mesh is not None:
+            chunk_tokens, positions, num_new, lengths, active = (
+                jax.device_put(x, self._row_sharding(x.shape))
+                for x in (chunk_tokens, positions, num_new, lengths, active)
+            )
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            self._cache, first_tokens, first_logprobs = engine.append_step(
+                self.graphdef,
+                params,
+                self._cache,
+                chunk_tokens,
+                positions,
+                num_new,
+                rng_append,
+                config=self.sampling,
+            )
+            out = engine.decode_step(
+                self.graphdef,
+                params,
+                self._cache,
+                first_tokens,
+                first_logprobs,
+                lengths,
+                active,
+                rng_decode,
+                config=self.sampling,
+            )
         self._cache = out.pop("cache")
         out = jax.device_get(out)
 
