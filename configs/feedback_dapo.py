@@ -1,0 +1,145 @@
+r"""Feedback-guided DAPO on the simulated customer-service world (the default job).
+
+  python -m launch.train --config=configs/feedback_dapo.py --workdir=runs/feedback_dapo
+
+Variants (comma separated after a colon):
+  smoke         shrink everything so a run takes seconds (used by the tests)
+  model=NAME    a ctu.models preset: tiny (default), qwen2p5_0p5b, qwen3_0p6b, ...
+  seed=N        the run's seed
+
+Any key below can be overridden with --config.KEY=VALUE, e.g.
+--config.algorithm.feedback_guidance.mix=0.5.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, smoke=False, model="tiny", seed=0)
+    config = ml_collections.ConfigDict()
+    config.seed = arg.seed
+    config.backend = "cpu"  # cpu | gpu | tpu
+    config.distributed = False  # jax.distributed.initialize() for multi-host runs
+
+    # Data
+    config.data = ml_collections.ConfigDict()
+    config.data.dir = "data/world"
+    config.data.train_split = "train"
+    config.data.val_split = "val"
+
+    # Model
+    config.model = ml_collections.ConfigDict()
+    config.model.preset = arg.model
+    config.model.init = "scratch"  # scratch | hf:PATH (a Hugging Face folder)
+    config.model.dtype = "float32"
+    config.model.param_dtype = "float32"
+    # "" builds a BPE tokenizer from the world into WORKDIR/tokenizer; else a HF folder.
+    config.model.tokenizer = ""
+    config.model.tokenizer_vocab_size = 2048
+    config.model.tokenizer_episodes = 200  # scripted episodes added to its training text
+
+    # Mesh (-1: the remaining devices)
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1
+    config.mesh.fsdp = 1
+    config.mesh.tensor = 1
+
+    # Warm start: supervised fine-tuning on the heuristic agent's demonstrations,
+    # some of which read a <previous_attempts> block and act on it.
+    config.warm_start = ml_collections.ConfigDict()
+    config.warm_start.enable = True
+    config.warm_start.steps = 600
+    config.warm_start.batch_size = 16
+    config.warm_start.learning_rate = 3e-3
+    config.warm_start.warmup_steps = 50
+    config.warm_start.num_tasks = 0  # train tasks demonstrated; 0 = all
+    config.warm_start.demos_per_task = 1
+    config.warm_start.feedback_demo_fraction = 0.3
+    config.warm_start.max_len = 1024
+
+    # Rollout
+    config.rollout = ml_collections.ConfigDict()
+    config.rollout.engine = "jax"  # jax | vllm
+    config.rollout.tasks_per_step = 8
+    config.rollout.group_size = 8
+    config.rollout.max_turns = 12
+    config.rollout.max_new_tokens = 96  # per assistant turn
+    config.rollout.max_total_tokens = 1024  # per episode, prompt included
+    config.rollout.temperature = 1.0
+    config.rollout.top_p = 1.0
+    config.rollout.top_k = 0
+
+    # Algorithm
+    config.algorithm = ml_collections.ConfigDict()
+    config.algorithm.loss = "dapo"
+    config.algorithm.eps_low = 0.2
+    config.algorithm.eps_high = 0.28
+    config.algorithm.dual_clip = 0.0  # 0 turns dual-clip off; else c > 1
+    config.algorithm.kl_coef = 0.0
+    config.algorithm.advantage = "grpo"  # grpo (mean/std) | dr_grpo (mean only) | rloo
+
+    config.algorithm.dynamic_sampling = ml_collections.ConfigDict()
+    config.algorithm.dynamic_sampling.enable = True
+    config.algorithm.dynamic_sampling.max_rounds = 3
+
+    config.algorithm.overlong = ml_collections.ConfigDict()
+    config.algorithm.overlong.enable = True
+    config.algorithm.overlong.max_length = 640  # generated tokens per episode
+    config.algorithm.overlong.cache_length = 128
+    config.algorithm.overlong.mask_truncated = False
+
+    fg = config.algorithm.feedback_guidance = ml_collections.ConfigDict()
+    fg.enable = True
+    fg.start_rollout = 2
+    fg.accumulation_mode = "all"  # all | last | summary
+    fg.max_feedback_tokens = 500
+    fg.use_llm_enhancement = False
+    fg.mix = 1.0  # fraction of groups that get feedback
+    fg.training_context = "augmented"  # augmented | original (importance-corrected)
+    fg.guided_objective = "clip"  # clip | shaped (r / (r + gamma)), for "original"
+    fg.shaping_gamma = 0.1
+    fg.wave_size = 2  # rollouts per wave after the first; 1 = strictly sequential
+
+    # Optimizer
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 3e-4
+    config.optimizer.warmup_steps = 5
+    config.optimizer.weight_decay = 0.0
+    config.optimizer.max_grad_norm = 1.0
+    config.optimizer.ppo_epochs = 1
+    config.optimizer.num_mini_batches = 2
+    config.optimizer.num_micro_batches = 1
+
+    # Schedule, evaluation, checkpoints, logging
+    config.total_steps = 30
+    config.eval_every = 10
+    config.eval = ml_collections.ConfigDict()
+    config.eval.split = "val"
+    config.eval.num_tasks = 100
+    config.checkpoint_every = 5
+    config.max_to_keep = 3
+    config.log_examples_every = 5
+    config.debug_conversations = False  # full conversation logs in WORKDIR/conversations
+
+    if arg.smoke:
+        config.model.tokenizer_episodes = 0
+        config.warm_start.steps = 2
+        config.warm_start.batch_size = 2
+        config.warm_start.num_tasks = 4
+        config.warm_start.max_len = 4096
+        config.rollout.tasks_per_step = 2
+        config.rollout.group_size = 4
+        config.rollout.max_turns = 3
+        config.rollout.max_new_tokens = 16
+        config.rollout.max_total_tokens = 1536
+        config.algorithm.overlong.max_length = 64
+        config.algorithm.overlong.cache_length = 16
+        config.algorithm.dynamic_sampling.max_rounds = 1
+        config.total_steps = 2
+        config.eval_every = 2
+        config.eval.num_tasks = 4
+        config.checkpoint_every = 1
+        config.log_examples_every = 1
+    return config

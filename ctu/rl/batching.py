@@ -1,0 +1,94 @@
+"""From groups of finished rollouts to the learner's `RolloutBatch`.
+
+Per rollout: reward (plus DAPO's overlong penalty on the tokens it generated),
+a group-relative advantage, and the token ids it is trained on — the ids it was
+sampled with (`augmented`), or for a feedback-guided rollout with
+`training_context="original"` the same continuation under the plain prompt,
+marked `guided` so the loss knows its behaviour log-probs came from another
+context (pi_theta(y|x) / pi_old(y|x + critique)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ctu.rl import advantages as advantages_lib
+from ctu.rl import shaping
+from ctu.rl.train_step import RolloutBatch
+
+# Padded lengths are multiples of this, so the train step compiles a few shapes only.
+LENGTH_BUCKET = 128
+
+
+def shaped_rewards(groups: Sequence[Sequence], *, settings) -> np.ndarray:
+    """`[G, n]` rewards, with the overlong penalty added when enabled."""
+    rewards = np.array([[r.reward for r in g] for g in groups], np.float32)
+    if settings.overlong:
+        lengths = np.array([[r.num_sampled_tokens for r in g] for g in groups], np.float32)
+        penalty = shaping.overlong_penalty(
+            lengths.reshape(-1),
+            max_length=settings.overlong_max_length,
+            cache_length=settings.overlong_cache_length,
+        )
+        rewards = rewards + np.asarray(penalty).reshape(rewards.shape)
+    return rewards
+
+
+def _context(record, original: bool):
+    if original and record.guided:
+        return record.original_tokens, record.original_loss_mask, record.original_logprobs
+    return record.tokens, record.loss_mask, record.logprobs
+
+
+def build_batch(
+    groups: Sequence[Sequence],
+    *,
+    settings,
+    rows_multiple: int,
+    pad_id: int,
+) -> tuple[RolloutBatch, dict[str, float]]:
+    """The training batch of `groups` (each a list of rollout records) and its stats.
+
+    `settings` is the run's AlgorithmSettings. Rows are padded with all-masked rows
+    to a multiple of `rows_multiple`, lengths to a multiple of LENGTH_BUCKET.
+    """
+    if not groups:
+        raise ValueError("build_batch needs at least one group of rollouts")
+    rewards = shaped_rewards(groups, settings=settings)
+    advantages = np.asarray(advantages_lib.group_advantages(settings.advantage, rewards))
+    original = settings.feedback.enable and settings.feedback.training_context == "original"
+    records = [r for g in groups for r in g]
+    contexts = [_context(r, original) for r in records]
+    longest = max(len(tokens) for tokens, _, _ in contexts)
+    length = -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET
+    rows = -(-len(records) // rows_multiple) * rows_multiple
+
+    tokens = np.full((rows, length), pad_id, np.int32)
+    mask = np.zeros((rows, length), np.float32)
+    old_logp = np.zeros((rows, length), np.float32)
+    guided = np.zeros((rows,), np.float32)
+    flat_advantages = np.zeros((rows,), np.float32)
+    flat_advantages[: len(records)] = advantages.reshape(-1)
+    for row, (record, (ids, loss_mask, logp)) in enumerate(zip(records, contexts, strict=True)):
+        tokens[row, : len(ids)] = ids
+        keep = not (settings.mask_truncated and record.truncated)
+        mask[row, : len(ids)] = loss_mask if keep else 0
+        old_logp[row, : len(ids)] = logp
+        guided[row] = float(original and record.guided)
+    batch = RolloutBatch(
+        tokens=tokens,
+        mask=mask,
+        advantages=flat_advantages,
+        old_logp=old_logp,
+        guided=guided if original else None,
+    )
+    stats = {
+        "reward/shaped_mean": float(rewards.mean()),
+        "batch/rows": float(len(records)),
+        "batch/padded_rows": float(rows - len(records)),
+        "batch/length": float(length),
+        "batch/trained_tokens": float(mask.sum()),
+    }
+    return batch, stats

@@ -1,0 +1,182 @@
+"""A run's config (ml_collections, configs/*.py) as typed, validated settings.
+
+Every setting is read here, once, by name: a missing key is a config-file bug
+and a bad value is a ValueError that names the key, raised before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ctu.feedback_guidance import FeedbackGuidanceConfig
+from ctu.rl.checkpoint import CheckpointConfig
+from ctu.rl.optim import OptimConfig
+from ctu.rl.train_step import BACKENDS, TrainConfig
+from ctu.rollout.groups import GroupSettings
+from ctu.rollout.records import RunnerSettings
+from ctu.sampling.settings import SamplingConfig
+from ctu.sft import WarmStartConfig
+
+ENGINES = ("jax", "vllm")
+ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+    engine: str
+    tasks_per_step: int
+    sampling: SamplingConfig
+    runner: RunnerSettings
+    groups: GroupSettings
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"rollout.engine={self.engine!r}: choose one of {ENGINES}.")
+        if self.tasks_per_step < 1:
+            raise ValueError(f"rollout.tasks_per_step={self.tasks_per_step}: must be >= 1.")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmSettings:
+    advantage: str
+    dynamic_sampling: bool
+    max_rounds: int
+    overlong: bool
+    overlong_max_length: int
+    overlong_cache_length: int
+    mask_truncated: bool
+    feedback: FeedbackGuidanceConfig
+
+    def __post_init__(self):
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"algorithm.advantage={self.advantage!r}: choose one of {ADVANTAGES}.")
+        if self.max_rounds < 1:
+            raise ValueError(f"algorithm.dynamic_sampling.max_rounds={self.max_rounds}: >= 1.")
+        if not 0 < self.overlong_cache_length <= self.overlong_max_length:
+            raise ValueError(
+                "algorithm.overlong: need 0 < cache_length <= max_length, got "
+                f"cache_length={self.overlong_cache_length}, max_length={self.overlong_max_length}."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    seed: int
+    backend: str
+    distributed: bool
+    data_dir: str
+    model: dict[str, Any]
+    mesh: dict[str, int]
+    warm_start: WarmStartConfig
+    rollout: RolloutSettings
+    algorithm: AlgorithmSettings
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+    total_steps: int
+    eval_every: int
+    eval_split: str
+    eval_num_tasks: int
+    checkpoint_every: int
+    log_examples_every: int
+    debug_conversations: bool
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r}: choose one of {BACKENDS}.")
+        for name in ("total_steps", "eval_every", "checkpoint_every", "log_examples_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1.")
+        init = self.model["init"]
+        if init != "scratch" and not init.startswith("hf:"):
+            raise ValueError(f"model.init={init!r}: use 'scratch' or 'hf:PATH'.")
+        rows = self.rollout.tasks_per_step * self.rollout.groups.num_rollouts
+        if rows % self.train.rows_multiple():
+            raise ValueError(
+                f"rollout.tasks_per_step x rollout.group_size = {rows} rows must be a multiple "
+                "of optimizer.num_mini_batches x optimizer.num_micro_batches = "
+                f"{self.train.rows_multiple()}."
+            )
+
+
+def settings_from_config(config) -> RunSettings:
+    """Reads every key of a configs/*.py config into validated settings."""
+    alg, opt, roll = config.algorithm, config.optimizer, config.rollout
+    fg = alg.feedback_guidance
+    feedback = FeedbackGuidanceConfig(
+        enable=fg.enable,
+        start_rollout=fg.start_rollout,
+        accumulation_mode=fg.accumulation_mode,
+        max_feedback_tokens=fg.max_feedback_tokens,
+        use_llm_enhancement=fg.use_llm_enhancement,
+        mix=fg.mix,
+        training_context=fg.training_context,
+        shaping_gamma=fg.shaping_gamma,
+    )
+    loss_settings = {
+        "eps_low": alg.eps_low,
+        "eps_high": alg.eps_high,
+        "dual_clip": alg.dual_clip or None,
+        "kl_coef": alg.kl_coef,
+        "guided_objective": fg.guided_objective,
+        "shaping_gamma": fg.shaping_gamma,
+    }
+    original = fg.enable and fg.training_context == "original"
+    train = TrainConfig(
+        loss=alg.loss,
+        loss_settings=loss_settings,
+        ppo_epochs=opt.ppo_epochs,
+        num_mini_batches=opt.num_mini_batches,
+        num_micro_batches=opt.num_micro_batches,
+        # Under the original prompt, a guided rollout's behaviour log-probs are those
+        # of the augmented context, which only the sampler saw: keep them.
+        recompute_old_logp=not original,
+        optim=OptimConfig(
+            learning_rate=opt.learning_rate,
+            warmup_steps=opt.warmup_steps,
+            weight_decay=opt.weight_decay,
+            max_grad_norm=opt.max_grad_norm,
+        ),
+    )
+    return RunSettings(
+        seed=config.seed,
+        backend=config.backend,
+        distributed=config.distributed,
+        data_dir=config.data.dir,
+        model=dict(config.model),
+        mesh={"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor},
+        warm_start=WarmStartConfig(**dict(config.warm_start)),
+        rollout=RolloutSettings(
+            engine=roll.engine,
+            tasks_per_step=roll.tasks_per_step,
+            sampling=SamplingConfig(
+                temperature=roll.temperature,
+                top_p=roll.top_p,
+                top_k=roll.top_k,
+                max_new_tokens=roll.max_new_tokens,
+            ),
+            runner=RunnerSettings(max_total_tokens=roll.max_total_tokens, max_turns=roll.max_turns),
+            groups=GroupSettings(
+                num_rollouts=roll.group_size, wave_size=fg.wave_size, seed=config.seed
+            ),
+        ),
+        algorithm=AlgorithmSettings(
+            advantage=alg.advantage,
+            dynamic_sampling=alg.dynamic_sampling.enable,
+            max_rounds=alg.dynamic_sampling.max_rounds,
+            overlong=alg.overlong.enable,
+            overlong_max_length=alg.overlong.max_length,
+            overlong_cache_length=alg.overlong.cache_length,
+            mask_truncated=alg.overlong.mask_truncated,
+            feedback=feedback,
+        ),
+        train=train,
+        checkpoint=CheckpointConfig(max_to_keep=config.max_to_keep, save_interval_steps=1),
+        total_steps=config.total_steps,
+        eval_every=config.eval_every,
+        eval_split=config.eval.split,
+        eval_num_tasks=config.eval.num_tasks,
+        checkpoint_every=config.checkpoint_every,
+        log_examples_every=config.log_examples_every,
+        debug_conversations=config.debug_conversations,
+    )

@@ -1,0 +1,336 @@
+"""Warm start: supervised fine-tuning on the heuristic agent's demonstrations.
+
+A tiny model starts from nothing, so before RL it imitates the heuristic scripted
+agent (ctu.world.agents.Heuristic) — not the oracle: the heuristic guesses auth
+fields from the department-type prior and learns routing from the phone, so RL
+still has the per-company requirements and the routing to learn.
+
+Some demonstrations read a `<previous_attempts>` block and act on it: after a
+failed first attempt, a second attempt starts with the lessons of the first
+(the auth fields each department turned out to need, the departments that had
+to be reached first) — what the first attempt's critique states — and its
+system prompt carries that critique.
+
+Demonstrations are token ids built token-in/token-out with the conversation
+builder, so the loss mask is 1 exactly on the agent's turns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ctu import feedback_guidance as fg
+from ctu import prompts, sharding
+from ctu.models import from_hf, to_hf
+from ctu.rl.optim import OptimConfig, make_optimizer
+from ctu.rl.train_step import token_logp_and_entropy
+from ctu.text.conversation import ConversationBuilder, assistant_completion
+from ctu.world import agents, data, tools
+from ctu.world.env import Action, Environment
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmStartConfig:
+    """`config.warm_start`, validated."""
+
+    enable: bool = True
+    steps: int = 600
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    warmup_steps: int = 50
+    num_tasks: int = 0
+    demos_per_task: int = 1
+    feedback_demo_fraction: float = 0.3
+    max_len: int = 1024
+
+    def __post_init__(self):
+        if self.num_tasks < 0:
+            raise ValueError(f"warm_start.num_tasks must be >= 0 (0 = all), got {self.num_tasks}")
+        for name in ("steps", "batch_size", "demos_per_task", "max_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"warm_start.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.feedback_demo_fraction <= 1.0:
+            raise ValueError(
+                "warm_start.feedback_demo_fraction must be in [0, 1], got "
+                f"{self.feedback_demo_fraction}"
+            )
+        if self.warmup_steps < 0 or self.learning_rate <= 0:
+            raise ValueError("warm_start.warmup_steps must be >= 0 and learning_rate > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Demonstration:
+    task_id: str
+    tokens: tuple[int, ...]
+    loss_mask: tuple[int, ...]
+    score: float
+    with_feedback: bool
+
+
+# ---- demonstrations ---------------------------------------------------------------
+
+
+def action_message(action: Action) -> dict:
+    """The assistant message that performs `action` in the chat format."""
+    if action.name == tools.RESPOND:
+        return {"role": "assistant", "content": action.kwargs["content"]}
+    call = {"type": "function", "function": {"name": action.name, "arguments": action.kwargs}}
+    return {"role": "assistant", "content": "", "tool_calls": [call]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Lessons:
+    """What an attempt learned: auth fields per department and the serving order."""
+
+    guess: dict[str, list[str]]
+    order: list[str]
+
+
+class _RecordingHeuristic(agents.Heuristic):
+    """The heuristic, optionally primed with an earlier attempt's lessons, recording
+    its own lessons (departments served, in order) as it goes."""
+
+    def __init__(self, lessons: Lessons | None = None):
+        super().__init__()
+        self.lessons = lessons
+
+    def reset(self, task_id: str, observation: str) -> None:
+        super().reset(task_id, observation)
+        self.served: list[str] = []
+
+    def _guess_fields(self, department_name: str) -> list[str]:
+        if self.lessons and department_name in self.lessons.guess:
+            return list(self.lessons.guess[department_name])
+        return super()._guess_fields(department_name)
+
+    def _form(self, fields) -> agents.Action:
+        if self.lessons and not self.asked:  # the first form: plan as the lessons say
+            learned = [n for n in self.lessons.order if n in self.departments]
+            self.plan = learned + [n for n in self.plan if n not in learned]
+            fields = {f for name in self.plan for f in self.guess[name]}
+        return super()._form(fields)
+
+    def _learn_from_call(self, observation: str) -> None:
+        before = list(self.plan)
+        super()._learn_from_call(observation)
+        if before and before[0] not in self.plan and before[0] not in self.served:
+            if "you're verified" in observation or "already took care" in observation:
+                self.served.append(before[0])
+
+    def lessons_learned(self) -> Lessons:
+        return Lessons(guess={k: list(v) for k, v in self.guess.items()}, order=list(self.served))
+
+
+def record_episode(
+    env: Environment,
+    policy: agents.Policy,
+    task_id: str,
+    tokenizer,
+    *,
+    system: str,
+) -> tuple[ConversationBuilder, dict]:
+    """Plays one episode with a scripted policy; returns its conversation and final info."""
+    builder = ConversationBuilder(tokenizer, tools.TOOL_SCHEMAS)
+    observation = env.reset(task_id)
+    policy.reset(task_id, observation)
+    builder.start(system, observation)
+    while True:
+        action = policy.act(observation)
+        text = assistant_completion(tokenizer, action_message(action), tools.TOOL_SCHEMAS)
+        builder.append_assistant(tokenizer.encode(text, add_special_tokens=False))
+        step = env.step(action)
+        if step.done:
+            return builder, step.info
+        observation = step.observation
+        if action.name == tools.RESPOND:
+            builder.append_user(observation)
+        else:
+            builder.append_tool(observation)
+
+
+def _demo(task_id, builder, info, with_feedback) -> Demonstration:
+    return Demonstration(
+        task_id, tuple(builder.tokens()), tuple(builder.loss_mask()), info["score"], with_feedback
+    )
+
+
+def heuristic_demonstrations(
+    world: data.World,
+    tasks: Sequence[data.Task],
+    tokenizer,
+    config: WarmStartConfig,
+    guidance: fg.FeedbackGuidanceConfig,
+    *,
+    seed: int = 0,
+) -> list[Demonstration]:
+    """Heuristic episodes on `tasks`, plus feedback-reading second attempts.
+
+    A failed first attempt is followed, for a `feedback_demo_fraction` of tasks,
+    by a second attempt that starts from the first's lessons with its critique in
+    a `<previous_attempts>` block; it is kept only when it scores higher. Episodes
+    longer than `max_len` tokens are left out.
+    """
+    rng = random.Random(seed)
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    demos = []
+    for repeat in range(config.demos_per_task):
+        env = Environment(world, tasks, seed=seed + repeat)
+        for task in tasks:
+            first = _RecordingHeuristic()
+            builder, info = record_episode(
+                env, first, task.task_id, tokenizer, system=prompts.system_prompt()
+            )
+            demos.append(_demo(task.task_id, builder, info, False))
+            if info["score"] >= 1.0 or rng.random() >= config.feedback_demo_fraction:
+                continue
+            block = fg.render_previous_attempts(
+                [fg.Attempt(1, info["score"], info["feedback"], info["failure_type"])],
+                mode=guidance.accumulation_mode,
+                max_tokens=guidance.max_feedback_tokens,
+                count_tokens=count_tokens,
+            )
+            second = _RecordingHeuristic(first.lessons_learned())
+            builder2, info2 = record_episode(
+                env, second, task.task_id, tokenizer, system=prompts.system_prompt(block)
+            )
+            if info2["score"] > info["score"]:
+                demos.append(_demo(task.task_id, builder2, info2, True))
+    return [d for d in demos if len(d.tokens) <= config.max_len]
+
+
+# ---- supervised fine-tuning ---------------------------------------------------------
+
+
+# Batches are padded to a multiple of this, so a run compiles a few shapes only.
+LENGTH_BUCKET = 128
+WARM_START_DIR = "warm_start"
+
+
+def bucketed_length(demos: Sequence[Demonstration], max_len: int) -> int:
+    longest = max(len(d.tokens) for d in demos)
+    return min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, max_len)
+
+
+def pad_batch(demos: Sequence[Demonstration], length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-pads demonstrations to `length`: tokens int32 and loss mask float32."""
+    tokens = np.full((len(demos), length), pad_id, np.int32)
+    mask = np.zeros((len(demos), length), np.float32)
+    for row, demo in enumerate(demos):
+        tokens[row, : len(demo.tokens)] = demo.tokens
+        mask[row, : len(demo.loss_mask)] = demo.loss_mask
+    return {"tokens": tokens, "loss_mask": mask}
+
+
+def sft_loss(model: nnx.Module, tokens: jax.Array, loss_mask: jax.Array):
+    """Token-mean negative log-likelihood over the agent's tokens (mask 1)."""
+    logp, _ = token_logp_and_entropy(model(tokens), tokens)
+    num_tokens = jnp.maximum(loss_mask.sum(), 1.0)
+    loss = -(logp * loss_mask).sum() / num_tokens
+    accuracy_proxy = (jnp.exp(logp) * loss_mask).sum() / num_tokens
+    return loss, {"sft/loss": loss, "sft/mean_token_prob": accuracy_proxy, "sft/tokens": num_tokens}
+
+
+@nnx.jit
+def sft_step(optimizer: nnx.Optimizer, model: nnx.Module, batch: dict[str, jax.Array]):
+    grad_fn = nnx.value_and_grad(sft_loss, has_aux=True)
+    (_, metrics), grads = grad_fn(model, batch["tokens"], batch["loss_mask"])
+    metrics["sft/grad_norm"] = optax.global_norm(grads)
+    optimizer.update(model, grads)
+    return metrics
+
+
+def make_sft_optimizer(model: nnx.Module, config: WarmStartConfig) -> nnx.Optimizer:
+    optim = OptimConfig(
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        schedule="cosine",
+        decay_steps=max(config.steps, config.warmup_steps + 1),
+        final_lr_fraction=0.1,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+    )
+    return nnx.Optimizer(model, make_optimizer(optim), wrt=nnx.Param)
+
+
+def batches(demos: Sequence[Demonstration], batch_size: int, *, seed: int):
+    """Endless shuffled mini-batches of demonstrations (a new order every epoch)."""
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            order += rng.permutation(len(demos)).tolist()
+        chunk, order = order[:batch_size], order[batch_size:]
+        yield [demos[i] for i in chunk]
+
+
+def warm_start(
+    model: nnx.Module,
+    model_config,
+    *,
+    config: WarmStartConfig,
+    guidance: fg.FeedbackGuidanceConfig,
+    world: data.World,
+    tokenizer,
+    workdir: str,
+    mesh,
+    writer,
+    seed: int,
+    log=print,
+) -> nnx.Module:
+    """Fine-tunes `model` on heuristic demonstrations, or reuses WORKDIR/warm_start.
+
+    The result is saved as a Hugging Face folder (with the tokenizer), so a resumed
+    run, `launch.evaluate --policy=hf:WORKDIR/warm_start` and anyone with
+    transformers can load it.
+    """
+    out = os.path.join(workdir, WARM_START_DIR)
+    if os.path.exists(os.path.join(out, "config.json")):
+        log(f"warm start: reusing {out}")
+        restored, _ = from_hf(
+            out, dtype=model_config.dtype, param_dtype=model_config.param_dtype, mesh=mesh
+        )
+        return restored
+    started = time.perf_counter()
+    tasks = world.split("train")
+    demos = heuristic_demonstrations(
+        world, tasks[: config.num_tasks or len(tasks)], tokenizer, config, guidance, seed=seed
+    )
+    if not demos:
+        raise ValueError(
+            f"warm start: no demonstration fits warm_start.max_len={config.max_len} tokens; "
+            "raise it."
+        )
+    with_feedback = sum(d.with_feedback for d in demos)
+    log(
+        f"warm start: {len(demos)} demonstrations ({with_feedback} acting on feedback), "
+        f"mean heuristic score {np.mean([d.score for d in demos]):.3f}"
+    )
+    optimizer = make_sft_optimizer(model, config)
+    placement = sharding.batch_sharding(mesh)
+    stream = batches(demos, config.batch_size, seed=seed)
+    for step in range(1, config.steps + 1):
+        chunk = next(stream)
+        batch = pad_batch(chunk, bucketed_length(chunk, config.max_len), tokenizer.pad_token_id)
+        with jax.set_mesh(mesh):
+            metrics = sft_step(optimizer, model, jax.device_put(batch, placement))
+        if step % 10 == 0 or step == config.steps:
+            scalars = {k: float(v) for k, v in metrics.items()}
+            writer.write_scalars(step, scalars)
+            log(f"warm start step {step}/{config.steps}: loss {scalars['sft/loss']:.3f}")
+    writer.write_scalars(config.steps, {"timing_s/warm_start": time.perf_counter() - started})
+    to_hf(model, model_config, out)
+    tokenizer.save_pretrained(out)
+    return model

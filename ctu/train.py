@@ -1,0 +1,359 @@
+"""The training program: warm start, then feedback-guided DAPO (or GRPO) on
+multi-turn rollouts in the simulated world.
+
+`train_and_evaluate(config, workdir)` reads top to bottom: settings, backend and
+mesh, world and tokenizer, model, warm start, learner and checkpoint restore,
+rollout engine, then the loop (sample groups in waves -> batch -> update ->
+metrics, evaluation, checkpoint). Rerunning it on the same workdir resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from tqdm import tqdm
+
+from ctu import metrics as metrics_lib
+from ctu import sft, sharding
+from ctu.models import ModelConfig, from_hf
+from ctu.rl import batching
+from ctu.rl.checkpoint import Checkpointer
+from ctu.rl.dynamic_sampling import dynamic_sample
+from ctu.rl.train_step import Learner, initialize_backend
+from ctu.rollout import evaluate as rollout_eval
+from ctu.rollout.engine import JaxEngine
+from ctu.rollout.groups import run_groups
+from ctu.run_config import RunSettings, settings_from_config
+from ctu.text.chat_template import END_OF_TURN
+from ctu.text.tokenizer import load_tokenizer, make_world_tokenizer
+from ctu.world import data, tools
+
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclasses.dataclass
+class Setup:
+    """What every program of a run shares: settings, mesh, world, tokenizer, model."""
+
+    settings: RunSettings
+    workdir: str
+    mesh: jax.sharding.Mesh
+    world: data.World
+    tokenizer: object
+    model_config: ModelConfig
+    model: nnx.Module
+
+
+def _tokenizer(settings: RunSettings, workdir: str):
+    path = settings.model["tokenizer"]
+    if path:
+        return load_tokenizer(path)
+    path = os.path.join(workdir, TOKENIZER_DIR)
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        return load_tokenizer(path)
+    logging.info("building a tokenizer from the world into %s", path)
+    return make_world_tokenizer(
+        settings.data_dir,
+        path,
+        settings.model["tokenizer_vocab_size"],
+        tools.TOOL_SCHEMAS,
+        num_episodes=settings.model["tokenizer_episodes"],
+    )
+
+
+def setup(config, workdir: str) -> Setup:
+    """Settings, backend, mesh, world, tokenizer and the initial model of a run."""
+    settings = settings_from_config(config)
+    initialize_backend(settings.backend, distributed=settings.distributed)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(settings.mesh)
+    world = data.load_world(settings.data_dir)
+    tokenizer = _tokenizer(settings, workdir)
+    model_settings = settings.model
+    dtypes = {"dtype": model_settings["dtype"], "param_dtype": model_settings["param_dtype"]}
+    if model_settings["init"].startswith("hf:"):
+        model, model_config = from_hf(model_settings["init"][3:], mesh=mesh, **dtypes)
+    else:
+        model_config = ModelConfig.preset(
+            model_settings["preset"], vocab_size=len(tokenizer), **dtypes
+        )
+        model = sharding.create_sharded_model(model_config, mesh, nnx.Rngs(settings.seed))
+    if model_config.vocab_size < len(tokenizer):
+        raise ValueError(
+            f"the model's vocabulary ({model_config.vocab_size}) is smaller than the "
+            f"tokenizer's ({len(tokenizer)}); use the checkpoint's own tokenizer."
+        )
+    return Setup(settings, workdir, mesh, world, tokenizer, model_config, model)
+
+
+def _warm_start(s: Setup) -> nnx.Module:
+    writer = metrics_lib.create_writer(os.path.join(s.workdir, "warm_start_logs"))
+    try:
+        return sft.warm_start(
+            s.model,
+            s.model_config,
+            config=s.settings.warm_start,
+            guidance=s.settings.algorithm.feedback,
+            world=s.world,
+            tokenizer=s.tokenizer,
+            workdir=s.workdir,
+            mesh=s.mesh,
+            writer=writer,
+            seed=s.settings.seed,
+            log=logging.info,
+        )
+    finally:
+        writer.close()
+
+
+def run_sft(config, workdir: str) -> nnx.Module:
+    """The warm start alone (`python -m launch.sft`)."""
+    s = setup(config, workdir)
+    metrics_lib.save_config(workdir, config)
+    return _warm_start(s)
+
+
+# ---- data order ----------------------------------------------------------------------
+
+
+def task_stream(task_ids: list[str], seed: int, position: int):
+    """Train tasks in seeded epochs of shuffled order, from `position` on.
+
+    Yields (next position, task id); the position is what a checkpoint saves.
+    """
+    while True:
+        epoch, offset = divmod(position, len(task_ids))
+        order = np.random.default_rng([seed, epoch]).permutation(len(task_ids))
+        position += 1
+        yield position, task_ids[order[offset]]
+
+
+class GroupSampler:
+    """Plays the groups of the next train tasks; a callable for `dynamic_sample`.
+
+    Remembers every round's result (`results`) and the data position after it.
+    """
+
+    def __init__(self, s: Setup, engine, stream, key: jax.Array, *, seed: int):
+        self.s, self.engine, self.stream, self.key, self.seed = s, engine, stream, key, seed
+        self.results = []
+        self.position = None
+
+    def __call__(self, count: int):
+        ids = []
+        for _ in range(count):
+            self.position, task_id = next(self.stream)
+            ids.append(task_id)
+        settings = self.s.settings
+        result = run_groups(
+            self.engine,
+            ids,
+            world=self.s.world,
+            tokenizer=self.s.tokenizer,
+            rng=jax.random.fold_in(self.key, len(self.results)),
+            settings=dataclasses.replace(settings.rollout.groups, seed=self.seed),
+            feedback=settings.algorithm.feedback,
+            runner=settings.rollout.runner,
+        )
+        self.results.append(result)
+        return result.groups
+
+
+# ---- metrics ---------------------------------------------------------------------------
+
+
+def rollout_metrics(groups, group_size: int) -> dict[str, float]:
+    """Batch reward metrics, success by rollout position, parse failures."""
+    records = [r for g in groups for r in g]
+    out = {
+        "reward/mean": float(np.mean([r.reward for r in records])),
+        "success/rate": float(np.mean([r.success for r in records])),
+        "parse_failure_rate": sum(r.num_parse_failures for r in records)
+        / max(sum(r.num_turns for r in records), 1),
+        "episode/turns": float(np.mean([r.num_turns for r in records])),
+        "episode/sampled_tokens": float(np.mean([r.num_sampled_tokens for r in records])),
+        "episode/truncated": float(np.mean([r.truncated for r in records])),
+    }
+    for k in range(1, group_size + 1):
+        at_k = [r.success for r in records if r.rollout == k]
+        if at_k:
+            out[f"success_at_rollout/{k}"] = float(np.mean(at_k))
+    guided = [r.success for r in records if r.guided]
+    plain = [r.success for r in records if not r.guided]
+    if guided:
+        out["success/with_feedback"] = float(np.mean(guided))
+    if plain:
+        out["success/first_try"] = float(np.mean(plain))
+    return out
+
+
+def _example_text(tokenizer, record) -> str:
+    """The user's request, the episode after it, and its reward (the system turn,
+    the same in every episode but for a feedback block, is left out)."""
+    prompt = tokenizer.decode(record.tokens[: record.prompt_length].tolist())
+    request = prompt[prompt.rfind("<|im_start|>user") :]
+    response = tokenizer.decode(record.tokens[record.prompt_length :].tolist())
+    return (
+        f"reward {record.reward:.2f} ({record.failure_type}); feedback: {record.feedback}\n"
+        f"{record.feedback_block}\n--- prompt ---\n{request}\n--- response ---\n{response}"
+    )
+
+
+def _log_conversations(workdir: str, step: int, tokenizer, groups) -> None:
+    path = os.path.join(workdir, "conversations", f"step_{step:06d}.jsonl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for record in (r for g in groups for r in g):
+            row = {
+                "task_id": record.task_id,
+                "group": record.group,
+                "rollout": record.rollout,
+                "reward": record.reward,
+                "failure_type": record.failure_type,
+                "feedback": record.feedback,
+                "text": tokenizer.decode(record.tokens.tolist()),
+            }
+            f.write(json.dumps(row) + "\n")
+
+
+# ---- the program -----------------------------------------------------------------------
+
+
+def evaluate(s: Setup, engine, step: int, writer) -> dict:
+    """Cold-start success on the first `eval.num_tasks` tasks of the eval split."""
+    tasks = s.world.split(s.settings.eval_split)[: s.settings.eval_num_tasks]
+    result = rollout_eval.evaluate_model(
+        engine,
+        s.world,
+        s.settings.eval_split,
+        tokenizer=s.tokenizer,
+        rng=jax.random.key(s.settings.seed + 1),
+        tasks=tasks,
+        seed=s.settings.seed,
+        runner=s.settings.rollout.runner,
+    )
+    scalars = {"val/success": result["success_rate"], "val/score": result["mean_score"]}
+    for level, rate in result.get("per_level_success", {}).items():
+        scalars[f"val/success_level_{level}"] = rate
+    writer.write_scalars(step, scalars)
+    return scalars
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Runs (or resumes) the training job in `workdir`; returns the last metrics."""
+    # Setup: settings, backend, mesh, world, tokenizer, model.
+    s = setup(config, workdir)
+    settings = s.settings
+    eot = s.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), settings.checkpoint)
+    resuming = checkpointer.latest_step() is not None
+
+    # Warm start (skipped when resuming: the checkpoint holds the trained policy).
+    model = s.model if resuming or not settings.warm_start.enable else _warm_start(s)
+    learner = Learner(settings.train, model, s.mesh)
+
+    # Restore.
+    rng, position, start_step = jax.random.key(settings.seed), 0, 0
+    if resuming:
+        restored = checkpointer.restore(model=learner.model, optimizer=learner.optimizer)
+        rng, position, start_step = (
+            restored.rng,
+            restored.data_position["position"],
+            restored.step,
+        )
+        logging.info("resumed from step %d", start_step)
+    writer = metrics_lib.create_writer(workdir, start_step=start_step, config=config)
+
+    # Rollout engines: sampling for training, greedy for evaluation.
+    sampling = dataclasses.replace(settings.rollout.sampling, stop_token_ids=(eot,))
+    engine = JaxEngine(learner.model, sampling)
+    eval_engine = JaxEngine(learner.model, dataclasses.replace(sampling, temperature=0.0))
+    if start_step == 0:
+        evaluate(s, eval_engine, 0, writer)
+
+    train_ids = [t.task_id for t in s.world.split("train")]
+    stream = task_stream(train_ids, settings.seed, position)
+    last: dict = {}
+    bar = tqdm(range(start_step + 1, settings.total_steps + 1), desc="train", unit="step")
+    for step in bar:
+        step_start = time.perf_counter()
+        rng, sample_key, update_key = jax.random.split(rng, 3)
+        engine.update_weights(learner.model)
+
+        # Rollouts: groups in waves, refilled by dynamic sampling.
+        sampler = GroupSampler(s, engine, stream, sample_key, seed=settings.seed + step)
+        rollout_start = time.perf_counter()
+        if settings.algorithm.dynamic_sampling:
+            groups, ds_stats = dynamic_sample(
+                sampler,
+                target_groups=settings.rollout.tasks_per_step,
+                max_rounds=settings.algorithm.max_rounds,
+                rewards_of=lambda g: [r.reward for r in g],
+            )
+            if not groups:  # every group was constant: train on the last round's anyway
+                groups = sampler.results[-1].groups
+        else:
+            groups, ds_stats = sampler(settings.rollout.tasks_per_step), {}
+        rollout_s = time.perf_counter() - rollout_start
+        position = sampler.position
+        all_groups = [g for result in sampler.results for g in result.groups]
+
+        # Update.
+        batch, batch_stats = batching.build_batch(
+            groups,
+            settings=settings.algorithm,
+            rows_multiple=settings.train.rows_multiple() * s.mesh.shape["data"],
+            pad_id=s.tokenizer.pad_token_id,
+        )
+        update_metrics = learner.update(batch, update_key)
+
+        # Metrics.
+        runs = [w.run for result in sampler.results for w in result.waves]
+        scalars = {
+            **rollout_metrics(all_groups, settings.rollout.groups.num_rollouts),
+            **ds_stats,
+            **batch_stats,
+            **update_metrics,
+            "timing_s/rollout": rollout_s,
+            "timing_s/generation": sum(r.generation_s for r in runs),
+            "timing_s/environment": sum(r.env_s for r in runs),
+            "waves": float(sum(len(result.waves) for result in sampler.results)),
+        }
+        if step % settings.log_examples_every == 0:
+            writer.write_texts(step, {"example": _example_text(s.tokenizer, groups[0][-1])})
+        if settings.debug_conversations:
+            _log_conversations(workdir, step, s.tokenizer, all_groups)
+        if step % settings.eval_every == 0 or step == settings.total_steps:
+            eval_engine.update_weights(learner.model)
+            scalars.update(evaluate(s, eval_engine, step, writer))
+
+        # Checkpoint.
+        checkpoint_start = time.perf_counter()
+        if step % settings.checkpoint_every == 0 or step == settings.total_steps:
+            checkpointer.save(
+                step,
+                model=learner.model,
+                optimizer=learner.optimizer,
+                rng=rng,
+                data_position={"position": position},
+                force=True,
+            )
+        scalars["timing_s/checkpoint"] = time.perf_counter() - checkpoint_start
+        scalars["timing_s/step"] = time.perf_counter() - step_start
+        writer.write_scalars(step, scalars)
+        bar.set_postfix(
+            reward=f"{scalars['reward/mean']:.2f}", success=f"{scalars['success/rate']:.2f}"
+        )
+        last = scalars
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    writer.close()
+    return last
