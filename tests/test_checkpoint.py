@@ -110,6 +110,19 @@ class CheckpointTest(chex.TestCase):
         ):
             np.testing.assert_array_equal(want, got)
 
+    def test_export_to_hugging_face_round_trips(self):
+        from ctu.models import Qwen, from_hf
+        from tests import resume_worker
+
+        model = Qwen(resume_worker.tiny_model_config(), rngs=nnx.Rngs(3))
+        out = os.path.join(_tempdir(self), "hf")
+        checkpoint.export_to_hf(model, out)
+        self.assertTrue(os.path.exists(os.path.join(out, "config.json")))
+        loaded, config = from_hf(out)
+        self.assertEqual(config.num_params(), model.config.num_params())
+        for want, got in zip(_leaves(model), _leaves(loaded), strict=True):
+            np.testing.assert_array_equal(got, want)
+
     def test_max_to_keep_interval_and_missing_step(self):
         workdir = _tempdir(self)
         model, optimizer = _model_and_optimizer(0)

@@ -247,7 +247,11 @@ def mini_batch_gradients(
 class Learner:
     """Owns the policy, its optimizer and the jitted step functions on one mesh.
 
-    `model` must already be placed on `mesh` (e.g. `ctu.sharding.create_sharded_model`).
+    `model` must already be placed on `mesh` (e.g. `ctu.sharding.create_sharded_model`
+    or `ctu.models.from_hf(..., mesh=mesh)`) and hold the base weights: when the loss
+    has a KL term the reference is copied from it here, so restore a checkpoint into
+    `learner.model` / `learner.optimizer` only after construction. The count of
+    consecutive non-finite steps is not checkpointed; it restarts at 0 on resume.
     """
 
     def __init__(self, config: TrainConfig, model: nnx.Module, mesh: Mesh):
