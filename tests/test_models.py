@@ -32,7 +32,7 @@ REAL_PARAMS_B = {
 }
 
 
-class ConfigTest(parameterized.TestCase):
+class ConfigTest(chex.TestCase):
     @parameterized.parameters(*REAL_SIZES)
     def test_real_presets(self, name):
         config = ModelConfig.preset(name)
@@ -94,7 +94,7 @@ def _reference_logits(model, rows):
     return [logits[b, : len(row)] for b, row in enumerate(rows)]
 
 
-class ForwardTest(parameterized.TestCase):
+class ForwardTest(chex.TestCase):
     def test_shapes_dtypes_and_tied_head(self):
         config = toys.tiny_model_config(vocab_size=50)
         model = toys.tiny_model(config)
@@ -128,7 +128,7 @@ class ForwardTest(parameterized.TestCase):
         self.assertLess(float(jnp.abs(got - want).max()), 0.05 * scale)
 
 
-class KVCacheTest(parameterized.TestCase):
+class KVCacheTest(chex.TestCase):
     def setUp(self):
         super().setUp()
         self.config = toys.tiny_model_config(vocab_size=128)

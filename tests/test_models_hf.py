@@ -5,6 +5,7 @@ import os
 import shutil
 import tempfile
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,7 +54,7 @@ def _leaves(model):
     }
 
 
-class HFParityTest(parameterized.TestCase):
+class HFParityTest(chex.TestCase):
     def setUp(self):
         super().setUp()
         self.dir = tempfile.mkdtemp()

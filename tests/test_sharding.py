@@ -3,6 +3,7 @@
 Needs the 8 simulated CPU devices that tests/conftest.py sets before JAX is imported.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +29,7 @@ def forward_cached(model, tokens, positions, cache):
     return model(tokens, positions=positions, cache=cache)
 
 
-class MeshTest(parameterized.TestCase):
+class MeshTest(chex.TestCase):
     def setUp(self):
         super().setUp()
         self.assertGreaterEqual(jax.device_count(), 8, "tests/conftest.py sets 8 CPU devices")
@@ -78,7 +79,7 @@ class MeshTest(parameterized.TestCase):
         self.assertEqual(sharding.replicated(mesh).spec, P())
 
 
-class ShardedModelTest(parameterized.TestCase):
+class ShardedModelTest(chex.TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
