@@ -13,7 +13,14 @@ def test_prompt_states_the_procedure_and_the_rules():
     text = prompts.SYSTEM_PROMPT
     for name in tools.TOOL_NAMES:
         assert name in text
-    for rule in ("a single time", "over-collection", "first", "final message", "not a question"):
+    rules = (
+        "once",
+        "never ask for fields no department",
+        "first",
+        "final message",
+        "not a question",
+    )
+    for rule in rules:
         assert rule in text
     assert prompts.system_prompt() == text
 
