@@ -70,12 +70,16 @@ class JaxEngine:
         *,
         cache_dtype=None,
         min_append_bucket: int = 16,
+        mesh=None,
     ):
+        """`mesh`: the mesh the weights live on (sessions then shard their KV cache);
+        None for a single device."""
         self.sampling = sampling
         self._model = model  # structure and config only; weights come from self._params
         self._params = nnx.state(model)
         self._cache_dtype = cache_dtype
         self._min_append_bucket = min_append_bucket
+        self._mesh = mesh
 
     def update_weights(self, model: nnx.Module) -> None:
         self._params = nnx.state(model)
@@ -87,17 +91,17 @@ class JaxEngine:
     def session(self, batch_size: int, max_len: int) -> JaxEngineSession:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        return JaxEngineSession(
-            self,
-            Session(
-                self._model,
-                batch_size=batch_size,
-                max_len=max_len,
-                sampling=self.sampling,
-                cache_dtype=self._cache_dtype,
-                min_append_bucket=self._min_append_bucket,
-            ),
+        mesh = {} if self._mesh is None else {"mesh": self._mesh}
+        session = Session(
+            self._model,
+            batch_size=batch_size,
+            max_len=max_len,
+            sampling=self.sampling,
+            cache_dtype=self._cache_dtype,
+            min_append_bucket=self._min_append_bucket,
+            **mesh,
         )
+        return JaxEngineSession(self, session)
 
 
 class JaxEngineSession:
