@@ -155,11 +155,19 @@ class SharedLearnerTest(chex.TestCase):
         self.assertEqual(float(first["clip_ratio/high"] + first["clip_ratio/low"]), 0.0)
         # The second mini-batch is scored against the pre-update policy.
         self.assertGreater(float(second["approx_kl_old"]), 1e-6)
-        result = learner.update(learner.shard_batch(_batch(1)), jax.random.key(0))
+        result = learner.update(_batch(1), jax.random.key(0))  # Host arrays are placed.
         self.assertEqual(result["nonfinite"], 0.0)
         self.assertIsNone(result["perf/mfu"])  # CPU without a configured peak.
         self.assertGreater(result["perf/tokens_per_s"], 0.0)
         self.assertEqual(int(learner.optimizer.step[...]), steps + 4)
+
+    def test_guided_rows_keep_the_sampler_log_probs(self):
+        batch = _batch(0, guided=np.arange(8) < 3)
+        prepared = self.learner.prepare(self.learner.shard_batch(batch))
+        np.testing.assert_array_equal(prepared.old_logp[:3], batch.old_logp[:3])
+        recomputed = self.learner.compute_logp(jnp.asarray(batch.tokens))
+        np.testing.assert_array_equal(prepared.old_logp[3:], recomputed[3:])
+        self.assertFalse(np.allclose(batch.old_logp[3:], recomputed[3:]))
 
     def test_nonfinite_steps_are_skipped_then_the_run_stops(self):
         learner = self.learner

@@ -289,9 +289,14 @@ class Learner:
     # ----------------------------------------------------------------------- data
 
     def shard_batch(self, batch: RolloutBatch) -> RolloutBatch:
-        """Places host arrays (this process's rows) on the mesh, rows over (data, fsdp)."""
+        """Places host arrays (this process's rows) on the mesh, rows over (data, fsdp).
+
+        Leaves that are already `jax.Array`s are left as they are.
+        """
 
         def place(x):
+            if isinstance(x, jax.Array):
+                return x
             x = np.asarray(x)
             spec = jax.sharding.PartitionSpec(sharding.BATCH_AXES, *([None] * (x.ndim - 1)))
             named = jax.sharding.NamedSharding(self.mesh, spec)
@@ -342,10 +347,18 @@ class Learner:
             return self._logp(model_state, tokens)
 
     def prepare(self, batch: RolloutBatch) -> RolloutBatch:
-        """Fills `old_logp` (if recomputed) and `ref_logp` (if the loss needs them)."""
+        """Fills `old_logp` (if recomputed) and `ref_logp` (if the loss needs them).
+
+        Rows marked `guided` keep the sampler's `old_logp`: they were sampled under
+        another context (the prompt with the critique), which only the sampler saw.
+        """
         self._check_batch(batch)
         if self.config.recompute_old_logp:
-            batch = dataclasses.replace(batch, old_logp=self.compute_logp(batch.tokens))
+            old_logp = self.compute_logp(batch.tokens)
+            if batch.guided is not None:
+                guided = batch.guided if batch.guided.ndim == 2 else batch.guided[:, None]
+                old_logp = jnp.where(guided, batch.old_logp, old_logp)
+            batch = dataclasses.replace(batch, old_logp=old_logp)
         if self.reference is not None:
             batch = dataclasses.replace(
                 batch, ref_logp=self.compute_logp(batch.tokens, reference=True)
@@ -363,13 +376,15 @@ class Learner:
     def update(self, batch: RolloutBatch, rng: jax.Array) -> dict[str, float | None]:
         """All the updates of one rollout batch: `ppo_epochs` x `num_mini_batches`.
 
+        `batch` holds host arrays (this process's rows) or arrays already on the mesh.
+
         Returns host metrics averaged over the updates, plus `nonfinite` (skipped
         updates), `timing_s/update`, `perf/tokens_per_s` and `perf/mfu`.
         Raises NonFiniteError after `max_consecutive_nonfinite` skipped steps in a row.
         """
         config = self.config
         start = time.perf_counter()
-        batch = self.prepare(batch)
+        batch = self.prepare(self.shard_batch(batch))
         rows_per_mini = batch.batch_size // config.num_mini_batches
         step_metrics = []
         for epoch_key in jax.random.split(rng, config.ppo_epochs):
