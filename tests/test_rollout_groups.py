@@ -188,6 +188,8 @@ def test_evaluate_model_cold_and_feedback(tokenizer, world, task_ids):
     )
     assert cold["success_rate"] == 1.0 and cold["episodes"] == 6
     assert cold["pass_hat_k"]["2"] == 1.0 and cold["parse_failure_rate"] == 0.0
+    levels = {str(t.level) for t in tasks}
+    assert cold["per_level_success"] == dict.fromkeys(levels, 1.0)
 
     engine = toys.ScriptedEngine(tokenizer, toys.oracle_script(world, fail_unless_guided=True))
     feedback = evaluate_model(

@@ -197,5 +197,8 @@ def evaluate_model(
             if results["retries"]
             else None
         )
+    metrics["per_level_success"] = {
+        level: m["success_rate"] for level, m in metrics["by_level"].items()
+    }
     metrics.update(mode=mode, split=split, seed=seed)
     return metrics
