@@ -20,11 +20,14 @@ raises `NonFiniteError` before the caller can checkpoint, so the last good check
 stays the latest.
 
 Backends and hosts: `initialize_backend` picks cpu/gpu/tpu through `jax_platforms`
-and, for multi-host runs, calls `jax.distributed.initialize()` (coordinator address,
-process count and id come from the cluster environment: SLURM, Cloud TPU, or the
-JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables). Multi-host
-cannot be exercised on one machine; each process then passes its local rows to
-`Learner.shard_batch`, which assembles the global batch.
+and, for multi-host runs, calls `jax.distributed.initialize()` with no arguments: the
+coordinator address, process count and id are auto-detected from the cluster (Cloud
+TPU, SLURM, Open MPI, Kubernetes; JAX_COORDINATOR_ADDRESS overrides the address).
+Every process then runs the same program; each passes its own rows to
+`Learner.update` / `shard_batch`, which assemble the global batch
+(`jax.make_array_from_process_local_data`); metrics and checkpoints already follow
+the process-0-writes / all-processes-save rules of ctu.metrics and orbax. Multi-host
+is not exercised by the tests (one machine).
 """
 
 from __future__ import annotations
@@ -280,7 +283,6 @@ class Learner:
         self._state_shardings = jax.tree.map(
             lambda x: x.sharding, nnx.state((self.model, self.optimizer))
         )
-        self._batch_sharding = sharding.batch_sharding(mesh)
         self._step = jax.jit(self._train_step, donate_argnums=0)
         self._logp = jax.jit(self._compute_logp)
         self.consecutive_nonfinite = 0
@@ -307,9 +309,12 @@ class Learner:
     # ----------------------------------------------------------------------- jitted
 
     def _compute_logp(self, model_state: nnx.State, tokens: jax.Array) -> jax.Array:
-        """Per-token log-probs of `tokens` under `model_state`, micro-batch by micro-batch."""
+        """Per-token log-probs of `tokens` under `model_state`, micro-batch by micro-batch.
+
+        Chunks have the training micro-batch's rows, so the logits fit where training's do.
+        """
         model = nnx.merge(self._model_graphdef, model_state)
-        chunks = _split_rows(tokens, self.config.num_micro_batches)
+        chunks = _split_rows(tokens, self.config.rows_multiple())
 
         def forward(chunk):
             chunk = _constrain_rows(chunk)
