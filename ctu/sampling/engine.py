@@ -40,7 +40,9 @@ def _is_stop(tokens: jax.Array, config: SamplingConfig) -> jax.Array:
     return jnp.isin(tokens, jnp.asarray(config.stop_token_ids, jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("cache",))
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "config", "chunk"), donate_argnames=("cache",)
+)
 def append_step(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -50,18 +52,24 @@ def append_step(
     num_new: jax.Array,
     rng: jax.Array,
     config: SamplingConfig,
+    chunk: int,
 ):
-    """Feeds a chunk and samples the first new token of every row.
+    """Feeds the appended tokens and samples the first new token of every row.
+
+    The tokens are fed `chunk` columns at a time (a `lax.scan`), so the logits
+    `[batch, chunk, vocab]` and attention scores of one piece are all that is live:
+    a long prompt with a large vocabulary never materialises `[batch, T, vocab]`.
 
     Args:
       graphdef, state: the model, split with `nnx.split`.
       cache: the `KVCache` (donated).
-      tokens: int32 `[batch, chunk]`, right-padded.
-      positions: int32 `[batch, chunk]`, the slot of every token (`lengths[b] + t`).
+      tokens: int32 `[batch, T]`, right-padded; T a multiple of `chunk`.
+      positions: int32 `[batch, T]`, the slot of every token (`lengths[b] + t`).
       num_new: int32 `[batch]`, real tokens per row; rows with 0 are not sampled from
         (their sample is garbage and must be ignored).
       rng: PRNG key for this call.
       config: sampling settings.
+      chunk: columns fed per model call.
 
     Returns:
       (cache, first_tokens int32 `[batch]`, first_logprobs float32 `[batch]`).
@@ -69,10 +77,26 @@ def append_step(
     TRACE_COUNTS["append_step"] += 1
     chex.assert_rank([tokens, positions, num_new], [2, 2, 1])
     chex.assert_equal_shape([tokens, positions])
+    batch, width = tokens.shape
+    if width % chunk:
+        raise ValueError(f"append width {width} is not a multiple of the chunk {chunk}.")
     model = nnx.merge(graphdef, state)
-    logits, cache = model(tokens, positions=positions, cache=cache)
-    last = jnp.clip(num_new - 1, 0, tokens.shape[1] - 1)
-    last_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+
+    def pieces(x):  # [batch, n * chunk] -> [n, batch, chunk]
+        return x.reshape(batch, width // chunk, chunk).swapaxes(0, 1)
+
+    def feed(carry, piece):
+        cache, last_logits = carry
+        start, piece_tokens, piece_positions = piece
+        logits, cache = model(piece_tokens, positions=piece_positions, cache=cache)
+        last = num_new - 1 - start  # each row's last real token, relative to this piece
+        here = jnp.take_along_axis(logits, jnp.clip(last, 0, chunk - 1)[:, None, None], axis=1)
+        last_logits = jnp.where(((last >= 0) & (last < chunk))[:, None], here[:, 0], last_logits)
+        return (cache, last_logits), None
+
+    starts = jnp.arange(0, width, chunk, dtype=jnp.int32)
+    init = (cache, jnp.zeros((batch, model.config.vocab_size), jnp.float32))
+    (cache, last_logits), _ = jax.lax.scan(feed, init, (starts, pieces(tokens), pieces(positions)))
     first_tokens, first_logprobs = sample_tokens(rng, last_logits, config)
     return cache, first_tokens, first_logprobs
 

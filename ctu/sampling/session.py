@@ -73,6 +73,7 @@ class Session:
         sampling: SamplingConfig,
         cache_dtype=None,
         min_append_bucket: int = 16,
+        prefill_chunk: int = 512,
         mesh: jax.sharding.Mesh | None = None,
     ):
         """Creates an empty session.
@@ -85,6 +86,8 @@ class Session:
           sampling: sampling settings.
           cache_dtype: KV cache dtype; default the model's `KVCache.init` default.
           min_append_bucket: smallest padded append length.
+          prefill_chunk: appended tokens per row fed in one model call; bounds the
+            memory of the logits `[rows, prefill_chunk, vocab]` and attention scores.
           mesh: the ("data", "fsdp", "tensor") mesh the weights live on, if any: the
             cache is created sharded (rows over data/fsdp, kv heads over tensor), inputs
             are placed batch-sharded and the steps run under the mesh.
@@ -93,10 +96,13 @@ class Session:
             raise ValueError(f"max_len must be >= 2 tokens, got {max_len}.")
         if min_append_bucket < 1:
             raise ValueError(f"min_append_bucket must be >= 1, got {min_append_bucket}.")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}.")
         self.sampling = sampling
         self.batch_size = batch_size
         self.max_len = max_len
         self.min_append_bucket = min_append_bucket
+        self.prefill_chunk = prefill_chunk
         self.model_config = model.config
         self.graphdef = nnx.graphdef(model)
         self._rows = batch_bucket(batch_size)
@@ -187,6 +193,8 @@ class Session:
             minimum=self.min_append_bucket,
             maximum=self.max_len,
         )
+        piece = min(width, self.prefill_chunk)
+        width = -(-width // piece) * piece  # slots past max_len are dropped by the model
         chunk_tokens = np.zeros((self._rows, width), np.int32)
         num_new = np.zeros(self._rows, np.int32)
         for row, chunk in chunks.items():
@@ -212,6 +220,7 @@ class Session:
                 num_new,
                 rng_append,
                 config=self.sampling,
+                chunk=piece,
             )
             out = engine.decode_step(
                 self.graphdef,
