@@ -195,34 +195,39 @@ def cpu_comparison() -> dict:
     }
 
 
-def gpu_mfu() -> dict:
-    """Tokens/s and MFU of the step on a ~0.5B config, seq 2048, bf16 compute."""
-    model_config = ModelConfig.preset("qwen2p5_0p5b", dtype="bfloat16")
+def gpu_mfu(
+    preset: str = "qwen2p5_0p5b", rows_per_device: int = GPU_BATCH, seq_len: int = GPU_LENGTH
+) -> dict:
+    """Tokens/s and MFU of the step on a ~0.5B config, seq 2048, bf16 compute.
+
+    Data-parallel over every local device; micro-batches of 2 rows bound the logits.
+    """
+    model_config = ModelConfig.preset(preset, dtype="bfloat16")
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    batch_rows = GPU_BATCH * mesh.devices.size
-    learner = _learner(model_config, mesh, num_micro_batches=GPU_BATCH // 2)
-    tokens, mask, advantages = synthetic_batch(batch_rows, GPU_LENGTH, model_config.vocab_size)
+    batch_rows = rows_per_device * mesh.devices.size
+    learner = _learner(model_config, mesh, num_micro_batches=max(rows_per_device // 2, 1))
+    tokens, mask, advantages = synthetic_batch(batch_rows, seq_len, model_config.vocab_size)
     batch = _prepared_batch(learner, tokens, mask, advantages)
     rows = jnp.arange(batch_rows)
     for _ in range(WARMUP_STEPS):
         learner.train_step(batch, rows)
     step_s = min(_time_jax(learner, batch, rows, TIMED_STEPS) for _ in range(ROUNDS))
-    tokens_per_s = batch_rows * GPU_LENGTH / step_s
+    tokens_per_s = batch_rows * seq_len / step_s
     flops_per_token = metrics.train_flops_per_token(
         num_params=model_config.num_params(),
         num_layers=model_config.num_layers,
         num_heads=model_config.num_heads,
         head_dim=model_config.head_dim,
-        seq_len=GPU_LENGTH,
+        seq_len=seq_len,
     )
     device = jax.devices()[0]
     peak = metrics.peak_flops_per_device(device)
     return {
-        "model": "qwen2p5_0p5b",
+        "model": preset,
         "device_kind": device.device_kind,
         "num_devices": int(mesh.devices.size),
         "batch": batch_rows,
-        "seq_len": GPU_LENGTH,
+        "seq_len": seq_len,
         "dtype": "bfloat16",
         "step_s": step_s,
         "tokens_per_s": tokens_per_s,
