@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -130,7 +131,11 @@ class TensorBoardWriter:
         # purge_step makes TensorBoard drop events at steps > start_step written by an
         # earlier, interrupted run of this workdir.
         purge_step = start_step + 1 if start_step > 0 else None
-        self._writer = tensorboardX.SummaryWriter(os.fspath(logdir), purge_step=purge_step)
+        # Event files are named by the second they were opened in: a run restarted
+        # within that second would overwrite its predecessor's file without a suffix.
+        self._writer = tensorboardX.SummaryWriter(
+            os.fspath(logdir), purge_step=purge_step, filename_suffix=f".{time.time_ns()}"
+        )
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         for name, value in scalars.items():

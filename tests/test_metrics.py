@@ -89,6 +89,23 @@ class CreateWriterTest(absltest.TestCase):
         self.assertIn("clip_ratio/high", events.Tags()["scalars"])
         self.assertAlmostEqual(events.Scalars("loss")[0].value, 2.0)
 
+    def test_tensorboard_drops_steps_after_the_restored_one(self):
+        from tensorboard.backend.event_processing import event_accumulator
+
+        logdir = _tempdir(self)
+        writer = metrics.TensorBoardWriter(logdir)
+        for step in range(1, 5):
+            writer.write_scalars(step, {"loss": float(step)})
+        writer.close()
+        writer = metrics.TensorBoardWriter(logdir, start_step=2)
+        writer.write_scalars(3, {"loss": 30.0})
+        writer.close()
+        events = event_accumulator.EventAccumulator(logdir)
+        events.Reload()
+        self.assertEqual(
+            [(e.step, e.value) for e in events.Scalars("loss")], [(1, 1.0), (2, 2.0), (3, 30.0)]
+        )
+
     def test_config_must_be_serialisable(self):
         with self.assertRaisesRegex(TypeError, "ConfigDict, a dataclass or a mapping"):
             metrics.save_config(_tempdir(self), object())
