@@ -1,5 +1,8 @@
 """Metric writers (TensorBoard + `metrics.jsonl`), the run's `config.json`, and MFU.
 
+A workdir gets `metrics.jsonl` (one row of scalars per write, `{"step": s, ...}`),
+`texts.jsonl` (generation examples), `tensorboard/` event files and `config.json`.
+
 Writers follow clu's `MetricWriter` interface (`write_scalars`, `write_texts`,
 `write_hparams`, `flush`, `close`) but do not import clu: `clu.metric_writers`'s
 package `__init__` imports its TensorFlow summary writer unconditionally (clu 0.0.12;
@@ -31,6 +34,7 @@ import jax
 import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
+TEXTS_FILE = "texts.jsonl"
 CONFIG_FILE = "config.json"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -67,15 +71,29 @@ def to_python_scalar(value: Any) -> float | int | None:
 class JsonlWriter:
     """Appends one JSON object per `write_scalars` call: `{"step": s, name: value, ...}`.
 
-    `start_step` is the step the run continues from (0 for a fresh run): rows with a
-    larger step are left over from a run that was killed after its last checkpoint and
-    are removed, so the file never holds the same step twice.
+    `start_step` is the step the run continues from. Rows with a larger step are left
+    over from a run killed after its last checkpoint and are removed, so the file never
+    holds a step twice. `start_step=0` is a fresh run, which rewrites step 0 too (its
+    initial evaluation), so every row is removed. Texts (`write_texts`) go to
+    `texts_path` under the same rules, keeping `path` for scalars only; without a
+    `texts_path` they are dropped.
     """
 
-    def __init__(self, path: str | os.PathLike, *, start_step: int = 0):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        start_step: int = 0,
+        texts_path: str | os.PathLike | None = None,
+    ):
         self.path = os.fspath(path)
-        truncate_jsonl(self.path, keep_through_step=start_step)
+        keep_through = start_step if start_step > 0 else -1
+        truncate_jsonl(self.path, keep_through_step=keep_through)
         self._file = open(self.path, "a", encoding="utf-8")
+        self._texts = None
+        if texts_path is not None:
+            truncate_jsonl(os.fspath(texts_path), keep_through_step=keep_through)
+            self._texts = open(texts_path, "a", encoding="utf-8")
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         row = {"step": int(step)}
@@ -83,19 +101,23 @@ class JsonlWriter:
         self._file.write(json.dumps(row, allow_nan=False) + "\n")
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
-        self._file.write(json.dumps({"step": int(step), **dict(texts)}) + "\n")
+        if self._texts is not None:
+            self._texts.write(json.dumps({"step": int(step), **dict(texts)}) + "\n")
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         del hparams  # The full config goes to config.json instead.
 
     def flush(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        for f in (self._file, self._texts):
+            if f is not None and not f.closed:
+                f.flush()
+                os.fsync(f.fileno())
 
     def close(self) -> None:
-        if not self._file.closed:
-            self.flush()
-            self._file.close()
+        self.flush()
+        for f in (self._file, self._texts):
+            if f is not None:
+                f.close()
 
 
 def truncate_jsonl(path: str, *, keep_through_step: int) -> None:
@@ -213,7 +235,8 @@ def create_writer(
     config: Any = None,
     tensorboard: bool = True,
 ) -> MetricWriter:
-    """Writers for `workdir`: `metrics.jsonl` (+ TensorBoard) on process 0, else a no-op.
+    """Writers for `workdir` on process 0 (a no-op elsewhere): scalars to `metrics.jsonl`,
+    texts (generation examples) to `texts.jsonl`, both to TensorBoard.
 
     `start_step` is the restored checkpoint step (0 when starting fresh). `config`
     (ml_collections.ConfigDict, dataclass or mapping) is written to `config.json`.
@@ -225,7 +248,11 @@ def create_writer(
     if config is not None:
         save_config(workdir, config)
     writers: list[MetricWriter] = [
-        JsonlWriter(os.path.join(workdir, METRICS_FILE), start_step=start_step)
+        JsonlWriter(
+            os.path.join(workdir, METRICS_FILE),
+            start_step=start_step,
+            texts_path=os.path.join(workdir, TEXTS_FILE),
+        )
     ]
     if tensorboard:
         writers.append(

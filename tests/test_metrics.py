@@ -57,6 +57,7 @@ class JsonlWriterTest(absltest.TestCase):
     def test_fresh_start_in_an_old_workdir_drops_every_step(self):
         path = os.path.join(_tempdir(self), "metrics.jsonl")
         writer = metrics.JsonlWriter(path)
+        writer.write_scalars(0, {"val/success": 0.0})
         writer.write_scalars(1, {"loss": 1.0})
         writer.close()
         metrics.JsonlWriter(path, start_step=0).close()
@@ -75,6 +76,10 @@ class CreateWriterTest(absltest.TestCase):
         writer.write_scalars(1, {"loss": 2.0, "clip_ratio/high": 0.1})
         writer.write_texts(1, {"sample": "hello"})
         writer.close()
+        self.assertEqual(
+            metrics.read_jsonl(os.path.join(workdir, metrics.TEXTS_FILE)),
+            [{"step": 1, "sample": "hello"}],
+        )
         with open(os.path.join(workdir, metrics.CONFIG_FILE)) as f:
             self.assertEqual(json.load(f), {"learning_rate": 1e-3, "name": "smoke"})
         self.assertEqual(
