@@ -251,6 +251,11 @@ class ConfigTest(absltest.TestCase):
         self.assertTrue(train_step.TrainConfig(loss="grpo").needs_reference)
         self.assertFalse(train_step.TrainConfig(loss="dapo").needs_reference)
 
+    def test_backend_is_checked(self):
+        train_step.initialize_backend("cpu")  # What the tests run on: accepted.
+        with self.assertRaisesRegex(ValueError, "use one of"):
+            train_step.initialize_backend("cuda")
+
     def test_batch_must_split_into_mini_and_micro_batches(self):
         config = train_step.TrainConfig(num_mini_batches=3, num_micro_batches=2)
         learner = object.__new__(train_step.Learner)

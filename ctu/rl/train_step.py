@@ -146,7 +146,13 @@ def initialize_backend(backend: str, *, distributed: bool = False) -> None:
         raise ValueError(f"backend={backend!r}: use one of {BACKENDS}")
     jax.config.update("jax_platforms", backend)
     if distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize()  # Must come before the first device use.
+    if jax.default_backend() != backend:
+        raise RuntimeError(
+            f"backend={backend!r} was requested but JAX runs on {jax.default_backend()!r}: "
+            "call initialize_backend before any JAX computation (and install jax[cuda12] "
+            "or jax[tpu] for accelerators)"
+        )
 
 
 def token_logp_and_entropy(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
