@@ -71,8 +71,8 @@ class SamplerTest(chex.TestCase):
             history, position = session.history(row), 0
             # Walk the history: appended tokens first, then the sampled ones, per turn.
             for appends, out in zip(turns, generations, strict=True):
-                if appends[row] is None or out.stop_reasons[row] is None:
-                    continue
+                if appends[row] is None or out.num_tokens[row] == 0:
+                    continue  # took no part, or its append did not fit and was dropped
                 position += len(appends[row])
                 sampled = out.row_tokens(row)
                 self.assertEqual(history[position : position + len(sampled)], sampled)
@@ -156,9 +156,12 @@ class SamplerTest(chex.TestCase):
         self.assertEqual(out.num_tokens.tolist(), [7, GREEDY.max_new_tokens])
         self.assertEqual(out.stop_reasons, (LENGTH, LENGTH))
         self._check_against_forward(session, [turn], [out])
-        again = session.generate([[1], None], self.params, jax.random.key(1))
-        self.assertEqual(again.num_tokens.tolist(), [0, 0])
-        self.assertEqual(again.stop_reasons, (LENGTH, None))
+        again = session.generate([[1], [2]], self.params, jax.random.key(1), max_new_tokens=[9, 5])
+        self.assertEqual(again.num_tokens.tolist(), [0, 5])  # row 0's append does not fit
+        self.assertEqual(again.stop_reasons, (LENGTH, LENGTH))
+        self._check_against_forward(session, [turn, [[1], [2]]], [out, again])
+        with self.assertRaisesRegex(ValueError, "max_new_tokens"):
+            session.generate([None, [3]], self.params, jax.random.key(2), max_new_tokens=99)
 
     def test_bounded_compiles_and_new_weights_do_not_recompile(self):
         sampling = SamplingConfig(max_new_tokens=3, stop_token_ids=(7,))  # used nowhere else

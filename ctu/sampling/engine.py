@@ -110,10 +110,11 @@ def decode_step(
     first_logprobs: jax.Array,
     lengths: jax.Array,
     active: jax.Array,
+    limits: jax.Array,
     rng: jax.Array,
     config: SamplingConfig,
 ):
-    """Decodes up to `config.max_new_tokens` tokens per active row in one while_loop.
+    """Decodes up to `limits[b]` tokens per active row in one while_loop.
 
     Args:
       graphdef, state: the model, split with `nnx.split`.
@@ -121,6 +122,7 @@ def decode_step(
       first_tokens, first_logprobs: `[batch]`, from `append_step`.
       lengths: int32 `[batch]`, slots filled per row after the append.
       active: bool `[batch]`, rows that sample in this call.
+      limits: int32 `[batch]`, most tokens per row, in [1, config.max_new_tokens].
       rng: PRNG key for this call (must differ from the one given to `append_step`).
       config: sampling settings.
 
@@ -131,13 +133,13 @@ def decode_step(
       `stop_reason` int32 `[batch]` (STOP_REASON_STOP | STOP_REASON_LENGTH, 0 if inactive).
     """
     TRACE_COUNTS["decode_step"] += 1
-    chex.assert_rank([first_tokens, first_logprobs, lengths, active], 1)
+    chex.assert_rank([first_tokens, first_logprobs, lengths, active, limits], 1)
     batch, capacity, budget = first_tokens.shape[0], cache.k.shape[2], config.max_new_tokens
     model = nnx.merge(graphdef, state)
 
     def can_continue(running, num_tokens, lengths):
         # The next token needs a free slot for the one just sampled.
-        return running & (num_tokens < budget) & (lengths < capacity)
+        return running & (num_tokens < limits) & (lengths < capacity)
 
     out_tokens = (
         jnp.zeros((batch, budget), jnp.int32).at[:, 0].set(jnp.where(active, first_tokens, 0))

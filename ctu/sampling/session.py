@@ -142,6 +142,8 @@ class Session:
         appends: Sequence[Sequence[int] | None],
         params: nnx.State | nnx.Module,
         rng: jax.Array,
+        *,
+        max_new_tokens: int | Sequence[int] | None = None,
     ) -> Generation:
         """Appends tokens to each taking-part row and samples its continuation.
 
@@ -152,6 +154,9 @@ class Session:
           params: the current weights, `nnx.state(model)` (or the model itself); a new
             state with the same structure does not recompile.
           rng: PRNG key; the same key, weights and inputs give the same samples.
+          max_new_tokens: a smaller limit for this call, for all rows or per row (e.g. an
+            episode's remaining token budget), each in [1, sampling.max_new_tokens];
+            default `sampling.max_new_tokens`. A traced value: changing it never recompiles.
 
         Returns:
           A `Generation`. A row whose append does not fit in its `max_len` slots gets 0
@@ -161,6 +166,15 @@ class Session:
             raise ValueError(f"appends has {len(appends)} rows, the session has {self.batch_size}.")
         if isinstance(params, nnx.Module):
             params = nnx.state(params)
+        budget = self.sampling.max_new_tokens
+        limits = np.full(self._rows, budget, np.int32)
+        if max_new_tokens is not None:
+            limits[: self.batch_size] = np.broadcast_to(max_new_tokens, (self.batch_size,))
+            if limits.min() < 1 or limits.max() > budget:
+                raise ValueError(
+                    f"max_new_tokens must be in [1, {budget}] (sampling.max_new_tokens, the "
+                    f"compiled buffer size), got {max_new_tokens}."
+                )
         vocab = self.model_config.vocab_size
         chunks: dict[int, list[int]] = {}
         overflow = set()
@@ -180,7 +194,6 @@ class Session:
             chunks[row] = chunk
             self._history[row].extend(new)
 
-        budget = self.sampling.max_new_tokens
         stop_reasons = [LENGTH if row in overflow else None for row in range(self.batch_size)]
         tokens = np.zeros((self.batch_size, budget), np.int32)
         logprobs = np.zeros((self.batch_size, budget), np.float32)
@@ -206,9 +219,9 @@ class Session:
         rng_append, rng_decode = jax.random.split(rng)
         lengths = self._lengths + num_new
         if self.mesh is not None:
-            chunk_tokens, positions, num_new, lengths, active = (
+            chunk_tokens, positions, num_new, lengths, active, limits = (
                 jax.device_put(x, self._row_sharding(x.shape))
-                for x in (chunk_tokens, positions, num_new, lengths, active)
+                for x in (chunk_tokens, positions, num_new, lengths, active, limits)
             )
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             self._cache, first_tokens, first_logprobs = engine.append_step(
@@ -230,6 +243,7 @@ class Session:
                 first_logprobs,
                 lengths,
                 active,
+                limits,
                 rng_decode,
                 config=self.sampling,
             )
