@@ -10,6 +10,9 @@ Bookkeeping per row: `lengths[b]` slots of the cache hold the history fed so far
 last sampled token is *pending* (not yet fed) and is fed first at the row's next append,
 so the sampled tokens are part of the history exactly as sampled (token in, token out).
 
+Appends are fed `prefill_chunk` columns per model call, so a long prompt never holds
+logits for all its tokens at once. Rows can be given per-call token limits.
+
 Compiles: the append step once per append-length bucket (powers of two up to
 `max_len`), the decode loop once; both are shared by all sessions with the same model
 structure, shapes and `SamplingConfig`, and are reused when the weights change.

@@ -13,7 +13,8 @@ class SamplingConfig:
       temperature: 0 means greedy (argmax); otherwise logits are divided by it.
       top_p: nucleus mass in (0, 1]; 1 disables nucleus filtering.
       top_k: keep the k most likely tokens; 0 disables top-k filtering.
-      max_new_tokens: most tokens sampled per row in one `Session.generate` call.
+      max_new_tokens: most tokens sampled per row in one `Session.generate` call; it sizes
+        the compiled output buffer (a call may ask for fewer without recompiling).
       stop_token_ids: a row stops after sampling any of these (the stop token is returned).
 
     Log-probabilities reported by the sampler are those of the distribution actually
