@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -72,6 +73,11 @@ def _abstract(tree: Any) -> Any:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
     return jax.tree.map(to_struct, tree)
+
+
+def _replicated_on_all_devices() -> jax.sharding.NamedSharding:
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 class Checkpointer:
@@ -153,7 +159,10 @@ class Checkpointer:
         args = ocp.args.Composite(
             model=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(model_state))),
             optimizer=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(optimizer_state))),
-            rng=ocp.args.JaxRandomKeyRestore(),
+            # Replicated on every device: the saved sharding may name another topology.
+            rng=ocp.args.JaxRandomKeyRestore(
+                ocp.ArrayRestoreArgs(sharding=_replicated_on_all_devices())
+            ),
             data=ocp.args.JsonRestore(),
         )
         restored = self._manager.restore(step, args=args)
