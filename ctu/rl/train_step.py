@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -412,6 +413,12 @@ class Learner:
             if row["nonfinite"]:
                 self.consecutive_nonfinite += 1
                 self.total_nonfinite += 1
+                logging.warning(
+                    "skipped an optimizer step with a NaN/inf loss or gradient "
+                    "(%d in a row, %d in total)",
+                    self.consecutive_nonfinite,
+                    self.total_nonfinite,
+                )
             else:
                 self.consecutive_nonfinite = 0
             if self.consecutive_nonfinite >= config.max_consecutive_nonfinite:
