@@ -99,6 +99,8 @@ class JsonlWriter:
         row = {"step": int(step)}
         row.update({name: to_python_scalar(value) for name, value in scalars.items()})
         self._file.write(json.dumps(row, allow_nan=False) + "\n")
+        # Into the OS at once: a SIGKILL after the next checkpoint must not lose the row.
+        self._file.flush()
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
         if self._texts is not None:
