@@ -151,57 +151,53 @@ def decode_step(
     stopped = active & _is_stop(first_tokens, config)
     running = can_continue(active & ~stopped, num_tokens, lengths)
 
-    def cond(carry):
-        step, *_, running, _ = carry
-        return (step < budget) & jnp.any(running)
+    def cond(c):
+        return (c["step"] < budget) & jnp.any(c["running"])
 
-    def body(carry):
-        step, cache, last, lengths, out_tokens, out_logprobs, num_tokens, running, stopped = carry
+    def body(c):
+        running = c["running"]
         # Rows that are not running write their token into their first scratch slot.
-        logits, cache = model(last[:, None], positions=lengths[:, None], cache=cache)
-        tokens, logprobs = sample_tokens(jax.random.fold_in(rng, step), logits[:, 0], config)
-        out_tokens = out_tokens.at[:, step].set(jnp.where(running, tokens, 0))
-        out_logprobs = out_logprobs.at[:, step].set(jnp.where(running, logprobs, 0.0))
-        lengths = lengths + running
-        num_tokens = num_tokens + running
+        logits, cache = model(c["last"][:, None], positions=c["lengths"][:, None], cache=c["cache"])
+        rng_step = jax.random.fold_in(rng, c["step"])
+        tokens, logprobs = sample_tokens(rng_step, logits[:, 0], config)
         hit_stop = running & _is_stop(tokens, config)
-        stopped = stopped | hit_stop
-        last = jnp.where(running, tokens, last)
-        running = can_continue(running & ~hit_stop, num_tokens, lengths)
-        return (
-            step + 1,
-            cache,
-            last,
-            lengths,
-            out_tokens,
-            out_logprobs,
-            num_tokens,
-            running,
-            stopped,
+        lengths = c["lengths"] + running
+        num_tokens = c["num_tokens"] + running
+        return dict(
+            step=c["step"] + 1,
+            cache=cache,
+            last=jnp.where(running, tokens, c["last"]),
+            lengths=lengths,
+            tokens=c["tokens"].at[:, c["step"]].set(jnp.where(running, tokens, 0)),
+            logprobs=c["logprobs"].at[:, c["step"]].set(jnp.where(running, logprobs, 0.0)),
+            num_tokens=num_tokens,
+            running=can_continue(running & ~hit_stop, num_tokens, lengths),
+            stopped=c["stopped"] | hit_stop,
         )
 
-    carry = (
-        1,
-        cache,
-        first_tokens,
-        lengths,
-        out_tokens,
-        out_logprobs,
-        num_tokens,
-        running,
-        stopped,
-    )
-    _, cache, _, lengths, out_tokens, out_logprobs, num_tokens, _, stopped = jax.lax.while_loop(
-        cond, body, carry
+    c = jax.lax.while_loop(
+        cond,
+        body,
+        dict(
+            step=jnp.int32(1),
+            cache=cache,
+            last=first_tokens,
+            lengths=lengths,
+            tokens=out_tokens,
+            logprobs=out_logprobs,
+            num_tokens=num_tokens,
+            running=running,
+            stopped=stopped,
+        ),
     )
     stop_reason = jnp.where(
-        active, jnp.where(stopped, STOP_REASON_STOP, STOP_REASON_LENGTH), 0
+        active, jnp.where(c["stopped"], STOP_REASON_STOP, STOP_REASON_LENGTH), 0
     ).astype(jnp.int32)
     return dict(
-        cache=cache,
-        tokens=out_tokens,
-        logprobs=out_logprobs,
-        num_tokens=num_tokens,
-        lengths=lengths,
+        cache=c["cache"],
+        tokens=c["tokens"],
+        logprobs=c["logprobs"],
+        num_tokens=c["num_tokens"],
+        lengths=c["lengths"],
         stop_reason=stop_reason,
     )
