@@ -66,7 +66,9 @@ def get_config(arg=None):
     config.rollout.group_size = 8
     config.rollout.max_turns = 12
     config.rollout.max_new_tokens = 96  # per assistant turn
-    config.rollout.max_total_tokens = 1024  # per episode, prompt included
+    # Per episode, prompt included; the prompt alone (system turn with the tool
+    # schemas, the user's request) is ~1000 tokens with the world tokenizer.
+    config.rollout.max_total_tokens = 2560
     config.rollout.temperature = 1.0
     config.rollout.top_p = 1.0
     config.rollout.top_k = 0
@@ -133,7 +135,7 @@ def get_config(arg=None):
         config.rollout.group_size = 4
         config.rollout.max_turns = 3
         config.rollout.max_new_tokens = 16
-        config.rollout.max_total_tokens = 1536
+        config.rollout.max_total_tokens = 1280
         config.algorithm.overlong.max_length = 64
         config.algorithm.overlong.cache_length = 16
         config.algorithm.dynamic_sampling.max_rounds = 1

@@ -90,13 +90,6 @@ class RunSettings:
         init = self.model["init"]
         if init != "scratch" and not init.startswith("hf:"):
             raise ValueError(f"model.init={init!r}: use 'scratch' or 'hf:PATH'.")
-        rows = self.rollout.tasks_per_step * self.rollout.groups.num_rollouts
-        if rows % self.train.rows_multiple():
-            raise ValueError(
-                f"rollout.tasks_per_step x rollout.group_size = {rows} rows must be a multiple "
-                "of optimizer.num_mini_batches x optimizer.num_micro_batches = "
-                f"{self.train.rows_multiple()}."
-            )
 
 
 def settings_from_config(config) -> RunSettings:
@@ -121,16 +114,16 @@ def settings_from_config(config) -> RunSettings:
         "guided_objective": fg.guided_objective,
         "shaping_gamma": fg.shaping_gamma,
     }
-    original = fg.enable and fg.training_context == "original"
     train = TrainConfig(
         loss=alg.loss,
         loss_settings=loss_settings,
         ppo_epochs=opt.ppo_epochs,
         num_mini_batches=opt.num_mini_batches,
         num_micro_batches=opt.num_micro_batches,
-        # Under the original prompt, a guided rollout's behaviour log-probs are those
-        # of the augmented context, which only the sampler saw: keep them.
-        recompute_old_logp=not original,
+        # Recomputed with the training forward so plain rows start at ratio 1; the
+        # learner keeps the sampler's log-probs for `guided` rows (trained under the
+        # original prompt, sampled under the critique).
+        recompute_old_logp=True,
         optim=OptimConfig(
             learning_rate=opt.learning_rate,
             warmup_steps=opt.warmup_steps,

@@ -6,10 +6,9 @@ fields from the department-type prior and learns routing from the phone, so RL
 still has the per-company requirements and the routing to learn.
 
 Some demonstrations read a `<previous_attempts>` block and act on it: after a
-failed first attempt, a second attempt starts with the lessons of the first
-(the auth fields each department turned out to need, the departments that had
-to be reached first) — what the first attempt's critique states — and its
-system prompt carries that critique.
+failed first attempt, a second attempt's system prompt carries the first's
+critique, and the heuristic follows what it says (the fields to add or drop,
+the department to reach first, the right department).
 
 Demonstrations are token ids built token-in/token-out with the conversation
 builder, so the loss mask is 1 exactly on the agent's turns.
@@ -88,49 +87,6 @@ def action_message(action: Action) -> dict:
     return {"role": "assistant", "content": "", "tool_calls": [call]}
 
 
-@dataclasses.dataclass(frozen=True)
-class Lessons:
-    """What an attempt learned: auth fields per department and the serving order."""
-
-    guess: dict[str, list[str]]
-    order: list[str]
-
-
-class _RecordingHeuristic(agents.Heuristic):
-    """The heuristic, optionally primed with an earlier attempt's lessons, recording
-    its own lessons (departments served, in order) as it goes."""
-
-    def __init__(self, lessons: Lessons | None = None):
-        super().__init__()
-        self.lessons = lessons
-
-    def reset(self, task_id: str, observation: str) -> None:
-        super().reset(task_id, observation)
-        self.served: list[str] = []
-
-    def _guess_fields(self, department_name: str) -> list[str]:
-        if self.lessons and department_name in self.lessons.guess:
-            return list(self.lessons.guess[department_name])
-        return super()._guess_fields(department_name)
-
-    def _form(self, fields) -> agents.Action:
-        if self.lessons and not self.asked:  # the first form: plan as the lessons say
-            learned = [n for n in self.lessons.order if n in self.departments]
-            self.plan = learned + [n for n in self.plan if n not in learned]
-            fields = {f for name in self.plan for f in self.guess[name]}
-        return super()._form(fields)
-
-    def _learn_from_call(self, observation: str) -> None:
-        before = list(self.plan)
-        super()._learn_from_call(observation)
-        if before and before[0] not in self.plan and before[0] not in self.served:
-            if "you're verified" in observation or "already took care" in observation:
-                self.served.append(before[0])
-
-    def lessons_learned(self) -> Lessons:
-        return Lessons(guess={k: list(v) for k, v in self.guess.items()}, order=list(self.served))
-
-
 def record_episode(
     env: Environment,
     policy: agents.Policy,
@@ -138,11 +94,15 @@ def record_episode(
     tokenizer,
     *,
     system: str,
+    feedback: str | None = None,
 ) -> tuple[ConversationBuilder, dict]:
-    """Plays one episode with a scripted policy; returns its conversation and final info."""
+    """Plays one episode with a scripted policy; returns its conversation and final info.
+
+    `feedback` is the critique text the policy reads before it starts (it is also
+    in `system`, where the model will read it)."""
     builder = ConversationBuilder(tokenizer, tools.TOOL_SCHEMAS)
     observation = env.reset(task_id)
-    policy.reset(task_id, observation)
+    policy.reset(task_id, observation, feedback)
     builder.start(system, observation)
     while True:
         action = policy.act(observation)
@@ -176,8 +136,9 @@ def heuristic_demonstrations(
     """Heuristic episodes on `tasks`, plus feedback-reading second attempts.
 
     A failed first attempt is followed, for a `feedback_demo_fraction` of tasks,
-    by a second attempt that starts from the first's lessons with its critique in
-    a `<previous_attempts>` block; it is kept only when it scores higher. Episodes
+    by a second attempt whose system prompt carries the first's critique in a
+    `<previous_attempts>` block, which the heuristic reads and acts on
+    (`agents.FeedbackHints`); it is kept only when it scores higher. Episodes
     longer than `max_len` tokens are left out.
     """
     rng = random.Random(seed)
@@ -189,9 +150,8 @@ def heuristic_demonstrations(
     for repeat in range(config.demos_per_task):
         env = Environment(world, tasks, seed=seed + repeat)
         for task in tasks:
-            first = _RecordingHeuristic()
             builder, info = record_episode(
-                env, first, task.task_id, tokenizer, system=prompts.system_prompt()
+                env, agents.Heuristic(), task.task_id, tokenizer, system=prompts.system_prompt()
             )
             demos.append(_demo(task.task_id, builder, info, False))
             if info["score"] >= 1.0 or rng.random() >= config.feedback_demo_fraction:
@@ -202,9 +162,13 @@ def heuristic_demonstrations(
                 max_tokens=guidance.max_feedback_tokens,
                 count_tokens=count_tokens,
             )
-            second = _RecordingHeuristic(first.lessons_learned())
             builder2, info2 = record_episode(
-                env, second, task.task_id, tokenizer, system=prompts.system_prompt(block)
+                env,
+                agents.Heuristic(),
+                task.task_id,
+                tokenizer,
+                system=prompts.system_prompt(block),
+                feedback=block,
             )
             if info2["score"] > info["score"]:
                 demos.append(_demo(task.task_id, builder2, info2, True))
@@ -224,10 +188,14 @@ def bucketed_length(demos: Sequence[Demonstration], max_len: int) -> int:
     return min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, max_len)
 
 
-def pad_batch(demos: Sequence[Demonstration], length: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Right-pads demonstrations to `length`: tokens int32 and loss mask float32."""
-    tokens = np.full((len(demos), length), pad_id, np.int32)
-    mask = np.zeros((len(demos), length), np.float32)
+def pad_batch(
+    demos: Sequence[Demonstration], length: int, pad_id: int, rows_multiple: int = 1
+) -> dict[str, np.ndarray]:
+    """Right-pads demonstrations to `length` and the rows, with all-masked rows, to a
+    multiple of `rows_multiple`: tokens int32 and loss mask float32."""
+    rows = -(-len(demos) // rows_multiple) * rows_multiple
+    tokens = np.full((rows, length), pad_id, np.int32)
+    mask = np.zeros((rows, length), np.float32)
     for row, demo in enumerate(demos):
         tokens[row, : len(demo.tokens)] = demo.tokens
         mask[row, : len(demo.loss_mask)] = demo.loss_mask
@@ -323,7 +291,12 @@ def warm_start(
     stream = batches(demos, config.batch_size, seed=seed)
     for step in range(1, config.steps + 1):
         chunk = next(stream)
-        batch = pad_batch(chunk, bucketed_length(chunk, config.max_len), tokenizer.pad_token_id)
+        batch = pad_batch(
+            chunk,
+            bucketed_length(chunk, config.max_len),
+            tokenizer.pad_token_id,
+            rows_multiple=sharding.batch_shards(mesh),
+        )
         with jax.set_mesh(mesh):
             metrics = sft_step(optimizer, model, jax.device_put(batch, placement))
         if step % 10 == 0 or step == config.steps:

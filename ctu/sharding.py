@@ -111,6 +111,11 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways a batch is split: its row count must be a multiple of this."""
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Fully replicated over the mesh."""
     return NamedSharding(mesh, PartitionSpec())

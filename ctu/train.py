@@ -265,7 +265,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if resuming:
         restored = checkpointer.restore(model=learner.model, optimizer=learner.optimizer)
         rng, position, start_step = (
-            restored.rng,
+            # orbax restores the key on a mesh of its own; use this run's.
+            jax.device_put(restored.rng, sharding.replicated(s.mesh)),
             restored.data_position["position"],
             restored.step,
         )
@@ -274,8 +275,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # Rollout engines: sampling for training, greedy for evaluation.
     sampling = dataclasses.replace(settings.rollout.sampling, stop_token_ids=(eot,))
-    engine = JaxEngine(learner.model, sampling)
-    eval_engine = JaxEngine(learner.model, dataclasses.replace(sampling, temperature=0.0))
+    engine = JaxEngine(learner.model, sampling, mesh=s.mesh)
+    greedy = dataclasses.replace(sampling, temperature=0.0)
+    eval_engine = JaxEngine(learner.model, greedy, mesh=s.mesh)
     if start_step == 0:
         evaluate(s, eval_engine, 0, writer)
 
@@ -310,7 +312,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         batch, batch_stats = batching.build_batch(
             groups,
             settings=settings.algorithm,
-            rows_multiple=settings.train.rows_multiple() * s.mesh.shape["data"],
+            rows_multiple=settings.train.rows_multiple() * sharding.batch_shards(s.mesh),
             pad_id=s.tokenizer.pad_token_id,
         )
         update_metrics = learner.update(batch, update_key)
@@ -335,9 +337,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
             eval_engine.update_weights(learner.model)
             scalars.update(evaluate(s, eval_engine, step, writer))
 
-        # Checkpoint.
-        checkpoint_start = time.perf_counter()
+        # Metrics first, then the checkpoint: a run killed after the checkpoint
+        # commits must not lose this step's row.
+        scalars["timing_s/step"] = time.perf_counter() - step_start
+        writer.write_scalars(step, scalars)
         if step % settings.checkpoint_every == 0 or step == settings.total_steps:
+            checkpoint_start = time.perf_counter()
             checkpointer.save(
                 step,
                 model=learner.model,
@@ -346,9 +351,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 data_position={"position": position},
                 force=True,
             )
-        scalars["timing_s/checkpoint"] = time.perf_counter() - checkpoint_start
-        scalars["timing_s/step"] = time.perf_counter() - step_start
-        writer.write_scalars(step, scalars)
+            writer.write_scalars(
+                step, {"timing_s/checkpoint": time.perf_counter() - checkpoint_start}
+            )
         bar.set_postfix(
             reward=f"{scalars['reward/mean']:.2f}", success=f"{scalars['success/rate']:.2f}"
         )

@@ -1,0 +1,220 @@
+"""The training program: settings validation, data order, batching, and an
+end-to-end smoke run that checkpoints and resumes."""
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from configs import baseline_dapo, feedback_dapo, grpo
+from ctu import run_config, train
+from ctu.metrics import read_jsonl
+from ctu.rl import batching
+
+# ---- settings ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", [feedback_dapo, baseline_dapo, grpo])
+@pytest.mark.parametrize("variant", [None, "smoke", "smoke,model=qwen3_0p6b,seed=2"])
+def test_every_config_reads_into_valid_settings(module, variant):
+    settings = run_config.settings_from_config(module.get_config(variant))
+    assert settings.train.loss == module.get_config(variant).algorithm.loss
+    assert settings.rollout.groups.num_rollouts == module.get_config(variant).rollout.group_size
+
+
+def test_baseline_differs_from_feedback_only_in_feedback():
+    def flat(config):
+        return dict(_flatten(config.to_dict()))
+
+    a, b = flat(feedback_dapo.get_config()), flat(baseline_dapo.get_config())
+    assert {k for k in a if a[k] != b[k]} == {"algorithm.feedback_guidance.enable"}
+
+
+def _flatten(d, prefix=""):
+    for key, value in d.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("algorithm.feedback_guidance.accumulation_mode", "most", "accumulation_mode"),
+        ("algorithm.advantage", "ppo", "algorithm.advantage"),
+        ("rollout.engine", "sglang", "rollout.engine"),
+        ("backend", "fpga", "backend"),
+        ("model.init", "s3://bucket", "model.init"),
+        ("optimizer.learning_rate", -1.0, "learning_rate"),
+        ("algorithm.loss", "ppo", "ppo"),
+        ("warm_start.feedback_demo_fraction", 2.0, "feedback_demo_fraction"),
+        ("rollout.group_size", 0, "num_rollouts"),
+    ],
+)
+def test_bad_values_are_errors_that_name_the_key(key, value, match):
+    config = feedback_dapo.get_config()
+    section = config
+    *path, last = key.split(".")
+    for name in path:
+        section = section[name]
+    section[last] = value
+    with pytest.raises(ValueError, match=match):
+        run_config.settings_from_config(config)
+
+
+def test_unknown_keys_and_variants_are_refused():
+    config = feedback_dapo.get_config()
+    config.lock()
+    with pytest.raises(AttributeError):
+        config.algorithm.feedback_guidance.enabel = False
+    with pytest.raises(ValueError, match="unknown config variant"):
+        feedback_dapo.get_config("smoek")
+
+
+# ---- data order --------------------------------------------------------------------
+
+
+def test_task_stream_resumes_where_it_stopped_and_covers_each_epoch():
+    ids = [f"t{i}" for i in range(7)]
+    full = [t for _, t in itertools.islice(train.task_stream(ids, 3, 0), 21)]
+    for epoch in range(3):
+        assert sorted(full[epoch * 7 : (epoch + 1) * 7]) == sorted(ids)
+    stream = train.task_stream(ids, 3, 0)
+    position = None
+    for _ in range(10):
+        position, _ = next(stream)
+    resumed = [t for _, t in itertools.islice(train.task_stream(ids, 3, position), 11)]
+    assert resumed == full[10:]
+    assert full != [t for _, t in itertools.islice(train.task_stream(ids, 4, 0), 21)]
+
+
+# ---- batching ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FakeRecord:
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    logprobs: np.ndarray
+    original_tokens: np.ndarray
+    original_loss_mask: np.ndarray
+    original_logprobs: np.ndarray
+    reward: float
+    guided: bool
+    truncated: bool = False
+
+    @property
+    def num_sampled_tokens(self):
+        return int(self.loss_mask.sum())
+
+
+def _record(rng, reward, guided, length=20, prompt=5, extra_prompt=3):
+    def arrays(n_prompt):
+        n = n_prompt + length
+        mask = np.zeros(n, np.int32)
+        mask[n_prompt:] = rng.integers(0, 2, length)
+        return rng.integers(9, 100, n), mask, rng.normal(size=n).astype(np.float32) * mask
+
+    tokens, mask, logp = arrays(prompt + (extra_prompt if guided else 0))
+    otokens, omask, ologp = arrays(prompt) if guided else (tokens, mask, logp)
+    return FakeRecord(tokens, mask, logp, otokens, omask, ologp, reward, guided)
+
+
+def _settings(**feedback):
+    config = feedback_dapo.get_config()
+    for key, value in feedback.items():
+        config.algorithm.feedback_guidance[key] = value
+    config.algorithm.overlong.enable = False
+    return run_config.settings_from_config(config).algorithm
+
+
+@pytest.mark.parametrize("context", ["augmented", "original"])
+def test_build_batch_rows_advantages_and_context(context):
+    rng = np.random.default_rng(0)
+    rewards = [[1.0, 0.0, 0.5], [0.2, 0.2, 0.8]]
+    groups = [[_record(rng, r, guided=k > 0) for k, r in enumerate(group)] for group in rewards]
+    batch, stats = batching.build_batch(
+        groups, settings=_settings(training_context=context), rows_multiple=4, pad_id=0
+    )
+    assert batch.tokens.shape[0] == 8 and batch.tokens.shape[1] % batching.LENGTH_BUCKET == 0
+    assert stats["batch/padded_rows"] == 2
+    # Group-normalised advantages, per group, zero on padding rows.
+    r = np.array(rewards)
+    expected = (r - r.mean(1, keepdims=True)) / (r.std(1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(batch.advantages[:6], expected.reshape(-1), rtol=1e-5)
+    assert not batch.mask[6:].any() and not batch.advantages[6:].any()
+    for row, record in enumerate(r for g in groups for r in g):
+        original = context == "original" and record.guided
+        ids = record.original_tokens if original else record.tokens
+        mask = record.original_loss_mask if original else record.loss_mask
+        np.testing.assert_array_equal(batch.tokens[row, : len(ids)], ids)
+        np.testing.assert_array_equal(batch.mask[row, : len(ids)], mask)
+        assert not batch.mask[row, len(ids) :].any()
+    if context == "original":
+        np.testing.assert_array_equal(batch.guided[:6], [0, 1, 1, 0, 1, 1])
+    else:
+        assert batch.guided is None
+
+
+def test_overlong_penalty_and_truncation_mask_enter_the_batch():
+    rng = np.random.default_rng(1)
+    config = feedback_dapo.get_config()
+    config.algorithm.overlong.max_length = 12
+    config.algorithm.overlong.cache_length = 4
+    config.algorithm.overlong.mask_truncated = True
+    settings = run_config.settings_from_config(config).algorithm
+    group = [_record(rng, 1.0, False, length=30), _record(rng, 1.0, False, length=30)]
+    group[1].truncated = True
+    lengths = [r.num_sampled_tokens for r in group]
+    shaped = batching.shaped_rewards([group], settings=settings)
+    for value, length in zip(shaped[0], lengths, strict=True):
+        penalty = 0.0 if length <= 8 else (-1.0 if length > 12 else (8 - length) / 4)
+        assert value == pytest.approx(1.0 + penalty)
+    batch, _ = batching.build_batch([group], settings=settings, rows_multiple=1, pad_id=0)
+    assert batch.mask[0].sum() == lengths[0] and batch.mask[1].sum() == 0
+
+
+# ---- end to end --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("smoke"))
+    config = feedback_dapo.get_config("smoke")
+    config.total_steps = 2
+    first = train.train_and_evaluate(config, workdir)
+    return config, workdir, first
+
+
+def test_smoke_run_writes_finite_metrics_checkpoints_and_warm_start(smoke_run):
+    config, workdir, last = smoke_run
+    assert math.isfinite(last["loss"]) and math.isfinite(last["grad_norm"])
+    rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    steps = {row["step"] for row in rows}
+    assert {0, 1, 2} <= steps
+    assert any("val/success" in row and row["step"] == 0 for row in rows)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
+    assert os.path.exists(os.path.join(workdir, "warm_start", "config.json"))
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["rollout"]["group_size"] == config.rollout.group_size
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_smoke_run_resumes_from_its_workdir(smoke_run):
+    config, workdir, _ = smoke_run
+    warm_start = os.path.join(workdir, "warm_start", "model.safetensors")
+    before = os.stat(warm_start).st_mtime_ns
+    config = config.copy_and_resolve_references()
+    config.total_steps = 3
+    last = train.train_and_evaluate(config, workdir)
+    assert math.isfinite(last["loss"])
+    assert os.stat(warm_start).st_mtime_ns == before  # reused, not retrained
+    rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    train_rows = [row["step"] for row in rows if "loss" in row]
+    assert train_rows == [1, 2, 3]  # step 3 only was added; nothing repeated
+    assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))
