@@ -82,8 +82,9 @@ class SamplerTest(chex.TestCase):
             self.assertEqual(position, len(history))
 
     def test_logprobs_match_forward_ragged_multi_turn(self):
-        # Appends are fed 8 columns at a time: rows end their prompt in different pieces.
-        session = self._session(SAMPLED, prefill_chunk=8)
+        # Appends are fed 8 columns at a time: rows end their prompt in different pieces;
+        # calls run on KV windows of 64 and 128 slots as the rows grow.
+        session = self._session(SAMPLED, prefill_chunk=8, min_kv_window=32)
         turns = [
             _prompts(1, [3, 17, 9, 1, 30]),
             [[5, 6], None, [7], [8, 9, 10, 11, 12, 13], []],

@@ -34,6 +34,22 @@ STOP_REASON_STOP = 1
 STOP_REASON_LENGTH = 2
 
 
+@functools.partial(jax.jit, static_argnames=("window",))
+def cache_window(cache, window: int):
+    """A copy of the first `window` slots of every row of `cache`."""
+    return jax.tree.map(lambda x: x[:, :, :window], cache)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def write_window(cache, window_cache):
+    """Writes `window_cache` (from `cache_window`) back over the first slots of `cache`."""
+    return jax.tree.map(
+        lambda full, part: jax.lax.dynamic_update_slice(full, part, (0,) * full.ndim),
+        cache,
+        window_cache,
+    )
+
+
 def _is_stop(tokens: jax.Array, config: SamplingConfig) -> jax.Array:
     if not config.stop_token_ids:
         return jnp.zeros(tokens.shape, bool)

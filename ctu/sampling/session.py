@@ -28,7 +28,7 @@ from flax import nnx
 
 from ctu.models import KVCache
 from ctu.sampling import engine
-from ctu.sampling.buckets import append_bucket, batch_bucket
+from ctu.sampling.buckets import append_bucket, batch_bucket, next_power_of_two
 from ctu.sampling.settings import SamplingConfig
 from ctu.sharding import BATCH_AXES, fit_spec, kv_cache_sharding
 
@@ -77,6 +77,7 @@ class Session:
         cache_dtype=None,
         min_append_bucket: int = 16,
         prefill_chunk: int = 512,
+        min_kv_window: int = 256,
         mesh: jax.sharding.Mesh | None = None,
     ):
         """Creates an empty session.
@@ -91,6 +92,9 @@ class Session:
           min_append_bucket: smallest padded append length.
           prefill_chunk: appended tokens per row fed in one model call; bounds the
             memory of the logits `[rows, prefill_chunk, vocab]` and attention scores.
+          min_kv_window: smallest KV window. A call runs on a copy of the first W slots
+            of the cache, W the power of two (>= min_kv_window, <= max_len) that holds
+            every slot the call can fill, so attention reads W slots, not max_len.
           mesh: the ("data", "fsdp", "tensor") mesh the weights live on, if any: the
             cache is created sharded (rows over data/fsdp, kv heads over tensor), inputs
             are placed batch-sharded and the steps run under the mesh.
@@ -101,11 +105,14 @@ class Session:
             raise ValueError(f"min_append_bucket must be >= 1, got {min_append_bucket}.")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}.")
+        if min_kv_window < 1:
+            raise ValueError(f"min_kv_window must be >= 1, got {min_kv_window}.")
         self.sampling = sampling
         self.batch_size = batch_size
         self.max_len = max_len
         self.min_append_bucket = min_append_bucket
         self.prefill_chunk = prefill_chunk
+        self.min_kv_window = min_kv_window
         self.model_config = model.config
         self.graphdef = nnx.graphdef(model)
         self._rows = batch_bucket(batch_size)
@@ -219,6 +226,9 @@ class Session:
         positions = self._lengths[:, None] + np.arange(width, dtype=np.int32)[None, :]
         active = num_new > 0
 
+        # The slots this call can fill: the append, then limits - 1 fed samples per row.
+        needed = max(int(self._lengths[r] + len(c) + limits[r] - 1) for r, c in chunks.items())
+        window = min(next_power_of_two(max(needed, self.min_kv_window)), self.max_len)
         rng_append, rng_decode = jax.random.split(rng)
         lengths = self._lengths + num_new
         if self.mesh is not None:
@@ -227,10 +237,14 @@ class Session:
                 for x in (chunk_tokens, positions, num_new, lengths, active, limits)
             )
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            self._cache, first_tokens, first_logprobs = engine.append_step(
+            if window < self.max_len:
+                cache = engine.cache_window(self._cache, window=window)
+            else:
+                cache, self._cache = self._cache, None  # donated below
+            cache, first_tokens, first_logprobs = engine.append_step(
                 self.graphdef,
                 params,
-                self._cache,
+                cache,
                 chunk_tokens,
                 positions,
                 num_new,
@@ -241,7 +255,7 @@ class Session:
             out = engine.decode_step(
                 self.graphdef,
                 params,
-                self._cache,
+                cache,
                 first_tokens,
                 first_logprobs,
                 lengths,
@@ -250,7 +264,10 @@ class Session:
                 rng_decode,
                 config=self.sampling,
             )
-        self._cache = out.pop("cache")
+            if window < self.max_len:
+                self._cache = engine.write_window(self._cache, out.pop("cache"))
+            else:
+                self._cache = out.pop("cache")
         out = jax.device_get(out)
 
         self._lengths = np.asarray(out["lengths"], np.int32).copy()
