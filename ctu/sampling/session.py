@@ -11,11 +11,15 @@ last sampled token is *pending* (not yet fed) and is fed first at the row's next
 so the sampled tokens are part of the history exactly as sampled (token in, token out).
 
 Appends are fed `prefill_chunk` columns per model call, so a long prompt never holds
-logits for all its tokens at once. Rows can be given per-call token limits.
+logits for all its tokens at once. Each call runs on a KV window: a copy of the first W
+slots (W a power of two >= `min_kv_window` holding every slot the call can fill), so
+attention reads what the conversations use, not `max_len` slots. Rows can be given
+per-call token limits.
 
-Compiles: the append step once per append-length bucket (powers of two up to
-`max_len`), the decode loop once; both are shared by all sessions with the same model
-structure, shapes and `SamplingConfig`, and are reused when the weights change.
+Compiles: the decode loop once per window size, the append step once per (append-length
+bucket, window size); both sets are bounded by log2(max_len), shared by all sessions
+with the same model structure, shapes and `SamplingConfig`, and reused when the weights
+change.
 """
 
 import contextlib
