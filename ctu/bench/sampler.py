@@ -13,6 +13,7 @@ tokens/s <= batch * HBM bandwidth / (param bytes + KV bytes).
 """
 
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -186,6 +187,9 @@ def accelerator_section(presets, *, batch: int, prompt_len: int, new_tokens: int
 
 def run(out_path: str) -> dict:
     shape = dict(batch=BATCH, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS)
+    # Both engines are multi-threaded: a loaded machine slows PyTorch's spinning threads
+    # far more than XLA's, so the ratio means little without the load it was taken at.
+    load_before = os.getloadavg()[0]
     model = Qwen(ModelConfig.preset("tiny"), rngs=nnx.Rngs(0))
     ours = sampler_runner(model, **shape)
     theirs, theirs_info = transformers_runner(model, **shape)
@@ -205,6 +209,8 @@ def run(out_path: str) -> dict:
             "model": "tiny",
             "sampling": "T=1, no top-k/p",
             "backend": jax.default_backend(),
+            "cpu_count": os.cpu_count(),
+            "load_average_1m": [load_before, os.getloadavg()[0]],
         },
         "ctu_sampler": ours_figures,
         "transformers_generate": {
