@@ -138,16 +138,19 @@ class FiltersTest(chex.TestCase):
         np.testing.assert_allclose(top1_lp, 0.0, atol=1e-6)
 
     @parameterized.parameters(
-        dict(temperature=1.0, top_k=0, top_p=1.0),
-        dict(temperature=0.8, top_k=4, top_p=0.9),
+        dict(temperature=1.0, top_k=0, top_p=1.0, vocab=8),
+        dict(temperature=0.8, top_k=4, top_p=0.9, vocab=8),
+        dict(temperature=1.0, top_k=0, top_p=0.95, vocab=70),
     )
-    def test_empirical_frequencies(self, temperature, top_k, top_p):
+    def test_empirical_frequencies(self, temperature, top_k, top_p, vocab):
         config = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
         n = 40_000
-        logits = jnp.tile(_logits(5, batch=1, vocab=8, scale=1.0), (n, 1))
+        logits = _logits(5, batch=1, vocab=vocab, scale=1.0)
+        logits = jnp.tile(logits.at[:, vocab // 3 : vocab // 2].set(-jnp.inf), (n, 1))
         tokens, _ = jax.jit(sample_tokens, static_argnums=2)(jax.random.key(6), logits, config)
-        freq = np.bincount(np.asarray(tokens), minlength=8) / n
+        freq = np.bincount(np.asarray(tokens), minlength=vocab) / n
         probs = np.exp(np.asarray(sampling_logprobs(logits[:1], config))[0])
+        self.assertEqual(freq[probs == 0].sum(), 0.0, "sampled a zero-probability token")
         # Binomial std <= 0.0025 at n=40k; 5 sigma.
         np.testing.assert_allclose(freq, probs, atol=0.0125)
 
