@@ -8,7 +8,9 @@ sampled a stop token, reached `max_new_tokens`, or filled its cache.
 
 Both take the model as (graphdef, state): the graphdef and the `SamplingConfig` are
 static, the state (weights) is a traced argument, so new weights after an RL step reuse
-the compiled code. The cache is donated and updated in place.
+the compiled code. The cache is donated and updated in place. `cache_window` and
+`write_window` copy a cache's first W slots out and back, so a call whose rows fit in W
+slots runs (and attends) on W slots only.
 
 Slot conventions (docs/architecture.md, KV-cache contract): slots are absolute
 positions. A row's `lengths[b]` slots hold its history; everything from slot
