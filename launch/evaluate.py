@@ -1,24 +1,38 @@
-r"""Evaluate a scripted policy on a split of a world.
+r"""Evaluate a policy on a split of a world: a scripted agent, a run's checkpoint, an HF model.
 
     python -m launch.evaluate --policy=heuristic --split=val --data=data/world \
         --trials=4 --mode=feedback --out=/tmp/eval_heuristic_val.json
+    python -m launch.evaluate --policy=checkpoint:runs/feedback_dapo@20 --split=val \
+        --trials=4 --mode=feedback --num_tasks=20 --out=runs/feedback_dapo/eval_val.json
+    python -m launch.evaluate --policy=hf:runs/feedback_dapo/warm_start --out=/tmp/ws.json
 
-Writes the metrics JSON atomically to --out and prints a short table.
+--policy: oracle | heuristic | random | checkpoint:WORKDIR[@STEP] (the latest checkpoint
+without @STEP) | hf:PATH (a Hugging Face folder with its tokenizer). Models decode
+greedily. --data defaults to the run's world for a workdir, else data/world.
+
+Writes the metrics JSON atomically to --out (keys: ctu/analysis/model_eval.py) and
+prints a short table.
 """
 
 import sys
 
 from absl import app, flags
 
+from ctu.analysis import model_eval
 from ctu.world import evaluation
 
-_POLICY = flags.DEFINE_enum(
-    "policy", None, list(evaluation.POLICY_FACTORIES), "Policy to run.", required=True
+_POLICY = flags.DEFINE_string(
+    "policy", None, "Policy: " + " | ".join(model_eval.policy_names()), required=True
 )
 _SPLIT = flags.DEFINE_enum("split", "val", list(evaluation.SPLIT_NAMES), "Task split.")
-_DATA = flags.DEFINE_string("data", "data/world", "World directory (launch.make_data output).")
+_DATA = flags.DEFINE_string(
+    "data", None, "World directory (default: the run's for a workdir, else data/world)."
+)
 _TRIALS = flags.DEFINE_integer(
     "trials", 1, "Trials per task (for pass^k).", lower_bound=1, upper_bound=evaluation.MAX_TRIALS
+)
+_NUM_TASKS = flags.DEFINE_integer(
+    "num_tasks", None, "Evaluate only the split's first N tasks.", lower_bound=1
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the environment and the policy.")
 _MODE = flags.DEFINE_enum(
@@ -31,7 +45,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
-        evaluation.evaluate_and_write(
+        model_eval.evaluate_and_write(
             _POLICY.value,
             _SPLIT.value,
             _DATA.value,
@@ -39,6 +53,7 @@ def main(argv):
             trials=_TRIALS.value,
             seed=_SEED.value,
             mode=_MODE.value,
+            num_tasks=_NUM_TASKS.value,
         )
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")

@@ -1,0 +1,9 @@
+"""Evaluating trained policies and comparing runs.
+
+- policy_loading.py: `checkpoint:WORKDIR[@STEP]` and `hf:PATH` policies rebuilt from a
+  workdir (config.json, tokenizer, the checkpoint's model item) for greedy evaluation.
+- model_eval.py: `launch.evaluate` for every policy (scripted or model); the JSON keys.
+- runs.py: a run's workdir read back (metrics merged by step, config, eval JSONs);
+  samples/tasks counted, thresholds reached, seeds aggregated.
+- plots.py: the matplotlib figures; compare.py: `launch.compare` (plots + summary.md).
+"""

@@ -81,6 +81,7 @@ class EpisodeResult:
     order_violations: int | None = None  # calls refused for an unmet prerequisite
     auth_collected: float | None = None  # share of the needed auth fields collected
     minimal_actions: int | None = None  # the oracle's action count for the task
+    over_collected: int | None = None  # fields asked for in a form that the task never needs
 
     @property
     def success(self) -> bool:
@@ -118,8 +119,8 @@ def scripted_policy(name: str, world: data.World) -> BatchPolicy:
     return PerEpisode(lambda seed: agents.make_policy(name, world, seed))
 
 
-# Policy name -> factory(world) -> BatchPolicy; `launch.evaluate --policy` chooses from
-# these, so a model policy registered here runs through the same command.
+# Policy name -> factory(world) -> BatchPolicy: the scripted names `launch.evaluate
+# --policy` accepts (model policies, checkpoint:... and hf:..., are ctu/analysis's).
 POLICY_FACTORIES: dict[str, Callable[[data.World], BatchPolicy]] = {
     name: functools.partial(scripted_policy, name) for name in agents.POLICIES
 }
@@ -134,6 +135,15 @@ def split_tasks(world: data.World, split: str) -> list[data.Task]:
     if split not in SPLIT_NAMES:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_NAMES)}")
     return world.split(SPLIT_NAMES[split])
+
+
+def first_tasks(tasks: Sequence[data.Task], num_tasks: int | None) -> list[data.Task]:
+    """The first `num_tasks` of `tasks` (all of them for None)."""
+    if num_tasks is None:
+        return list(tasks)
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks must be >= 1 (or unset for the whole split), got {num_tasks}")
+    return list(tasks[:num_tasks])
 
 
 def run_episodes(
@@ -218,7 +228,6 @@ def _run_queue(policy, world, queue, seed, batch_size, max_turns) -> list[Episod
 
 def _result(task: data.Task, trial: int, info: dict, env: Environment) -> EpisodeResult:
     steps = env.episode.steps
-    calls = [s.outcome for s in steps if isinstance(s.outcome, phone.CallResult)]
     return EpisodeResult(
         task_id=task.task_id,
         level=task.level,
@@ -229,13 +238,27 @@ def _result(task: data.Task, trial: int, info: dict, env: Environment) -> Episod
         num_actions=len(steps),
         ended_by=info["ended_by"],
         feedback=info["feedback"],
-        tool_calls=sum(s.name in tools.TOOL_NAMES for s in steps),
-        phone_calls=len(calls),
-        malformed_calls=sum(isinstance(s.outcome, tools.Invalid) for s in steps),
-        order_violations=sum(c.status == phone.PREREQUISITE_NOT_MET for c in calls),
-        auth_collected=float(info["partial_scores"]["auth_collected"]),
-        minimal_actions=minimal_actions(env.world, task),
+        **behaviour_fields(env.world, task, steps, info["partial_scores"]),
     )
+
+
+def behaviour_fields(world: data.World, task: data.Task, steps, partial_scores: dict) -> dict:
+    """The behaviour fields of an EpisodeResult, read from an episode's steps (outcomes)
+    and its reward's partial scores; shared by the scripted and the model evaluations."""
+    calls = [s.outcome for s in steps if isinstance(s.outcome, phone.CallResult)]
+    requested = set()
+    for s in steps:
+        if isinstance(s.outcome, users.FormReply):
+            requested.update(s.outcome.provided, s.outcome.lacking, s.outcome.withheld)
+    return {
+        "tool_calls": sum(s.name in tools.TOOL_NAMES for s in steps),
+        "phone_calls": len(calls),
+        "malformed_calls": sum(isinstance(s.outcome, tools.Invalid) for s in steps),
+        "order_violations": sum(c.status == phone.PREREQUISITE_NOT_MET for c in calls),
+        "auth_collected": float(partial_scores["auth_collected"]),
+        "minimal_actions": minimal_actions(world, task),
+        "over_collected": len(requested - set(task.required_auth_fields)),
+    }
 
 
 def minimal_actions(world: data.World, task: data.Task) -> int:
@@ -296,7 +319,8 @@ def behaviour(results: Sequence[EpisodeResult]) -> dict:
     info_gathering_completeness: mean share of the needed auth fields collected;
     call_order_correctness: share of phone calls not refused for an unmet
     prerequisite; tool_call_efficiency: mean of minimal / actual actions;
-    malformed_call_rate: share of actions that were malformed tool calls.
+    over_collection_rate: share of episodes whose form asked for a field the task
+    does not need; malformed_call_rate: share of actions that were malformed tool calls.
     """
     recorded = [r for r in results if r.tool_calls is not None]
     if not recorded:
@@ -310,7 +334,12 @@ def behaviour(results: Sequence[EpisodeResult]) -> dict:
         "tool_call_efficiency": _mean(
             min(1.0, r.minimal_actions / r.num_actions) for r in recorded if r.num_actions
         ),
-        "malformed_call_rate": sum(r.malformed_calls for r in recorded) / actions,
+        "over_collection_rate": _mean(
+            r.over_collected > 0 for r in recorded if r.over_collected is not None
+        ),
+        "malformed_call_rate": (
+            sum(r.malformed_calls for r in recorded) / actions if actions else None
+        ),
         "tool_calls_per_episode": sum(r.tool_calls for r in recorded) / len(recorded),
     }
 
@@ -329,15 +358,17 @@ def evaluate(
     seed: int = 0,
     mode: str = "cold",
     batch_size: int = DEFAULT_BATCH_SIZE,
+    num_tasks: int | None = None,
 ) -> dict:
-    """Runs `policy` over a split with `trials` trials; returns the metrics dict.
+    """Runs `policy` over a split (its first `num_tasks` tasks, default all) with
+    `trials` trials; returns the metrics dict.
 
     With mode="feedback" the dict also has `with_feedback`: success and mean
     score after one critiqued retry of each failure, overall and per level.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    tasks = split_tasks(world, split)
+    tasks = first_tasks(split_tasks(world, split), num_tasks)
     start = time.perf_counter()
     results = run_episodes(policy, world, tasks, trials=trials, seed=seed, batch_size=batch_size)
     metrics = summarize(results, trials)
@@ -377,8 +408,10 @@ def evaluate_and_write(
     trials: int = 1,
     seed: int = 0,
     mode: str = "cold",
+    num_tasks: int | None = None,
 ) -> dict:
-    """The `launch.evaluate` command: load the world, evaluate, write JSON, print a table.
+    """The `launch.evaluate` command for a scripted policy: load the world, evaluate,
+    write JSON, print a table. (All policies: `ctu.analysis.model_eval.evaluate_and_write`.)
 
     Raises FileNotFoundError / ValueError with a message for a bad directory,
     split, mode or policy name.
@@ -400,7 +433,9 @@ def evaluate_and_write(
     world = data.load_world(data_dir)
     policy = POLICY_FACTORIES[policy_name](world)
     metrics = {"policy": policy_name, "data": data_dir}
-    metrics.update(evaluate(policy, world, split, trials=trials, seed=seed, mode=mode))
+    metrics.update(
+        evaluate(policy, world, split, trials=trials, seed=seed, mode=mode, num_tasks=num_tasks)
+    )
     write_json_atomic(out_path, metrics)
     print(format_table(metrics))
     return metrics

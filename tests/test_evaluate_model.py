@@ -1,0 +1,199 @@
+"""launch.evaluate on model policies: a tiny run trained in the test (feedback_dapo smoke,
+2 steps), evaluated from its checkpoints and its warm start; then compared."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import feedback_dapo
+from ctu import sharding, train
+from ctu.analysis import compare, model_eval, policy_loading
+from ctu.models import ModelConfig
+from ctu.rl.checkpoint import Checkpointer
+from ctu.rl.train_step import Learner
+from ctu.run_config import settings_from_config
+from tests.test_compare import table_rows, write_run
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_TASKS = 2
+REQUIRED_KEYS = {
+    "policy",
+    "policy_source",
+    "split",
+    "mode",
+    "seed",
+    "trials",
+    "num_tasks",
+    "episodes",
+    "success_rate",
+    "mean_score",
+    "by_level",
+    "per_level_success",
+    "held_out_company",
+    "pass_hat_k",
+    "failure_types",
+    "behaviour",
+    "parse_failure_rate",
+    "examples",
+}
+BEHAVIOUR_KEYS = {
+    "info_gathering_completeness",
+    "call_order_correctness",
+    "tool_call_efficiency",
+    "over_collection_rate",
+    "malformed_call_rate",
+}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    config = feedback_dapo.get_config("smoke")
+    config.total_steps = 2
+    config.eval.num_tasks = NUM_TASKS
+    train.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def _evaluate(policy, out, **kwargs):
+    kwargs = {"num_tasks": NUM_TASKS, **kwargs}
+    return model_eval.evaluate_and_write(policy, "val", None, str(out), **kwargs)
+
+
+def _without_timing(metrics):
+    return {k: v for k, v in metrics.items() if k != "wall_s"}
+
+
+def test_latest_checkpoint_json_has_the_keys_and_is_deterministic(run_dir, tmp_path):
+    kwargs = {"mode": "feedback", "trials": 2}
+    first = _evaluate(f"checkpoint:{run_dir}", tmp_path / "a.json", **kwargs)
+    again = _evaluate(f"checkpoint:{run_dir}", tmp_path / "b.json", **kwargs)
+    assert _without_timing(first) == _without_timing(again)
+    written = json.loads((tmp_path / "a.json").read_text())
+    assert REQUIRED_KEYS <= set(written)
+    assert BEHAVIOUR_KEYS <= set(written["behaviour"])
+    assert written["policy_source"]["step"] == 2 and written["policy_source"]["temperature"] == 0
+    assert written["num_tasks"] == NUM_TASKS and written["episodes"] == 2 * NUM_TASKS
+    assert set(written["pass_hat_k"]) == {"1", "2"}
+    assert sum(written["failure_types"].values()) == written["episodes"]
+    feedback = written["with_feedback"]
+    failures = written["episodes"] - round(written["success_rate"] * written["episodes"])
+    assert feedback["retried"] == failures
+    assert feedback["success_rate"] >= written["success_rate"]
+    examples = written["examples"]
+    assert 1 <= len(examples) <= model_eval.NUM_EXAMPLES
+    assert all(e["conversation"].startswith("<|im_start|>user") for e in examples)
+    if failures:
+        assert examples[-1]["attempt"] == "retry" and examples[-1]["feedback_block"]
+
+
+def test_checkpoint_at_a_step_restores_what_the_trainer_saved(run_dir, tmp_path):
+    loaded = policy_loading.load_policy(f"checkpoint:{run_dir}@1")
+    assert loaded.step == 1
+    # Reference: the trainer's own restore (model and optimizer) of the same step.
+    settings = settings_from_config(loaded.run_config)
+    mesh = sharding.make_mesh(settings.mesh)
+    config = ModelConfig.preset(settings.model["preset"], vocab_size=len(loaded.tokenizer))
+    learner = Learner(
+        settings.train, sharding.create_sharded_model(config, mesh, nnx.Rngs(7)), mesh
+    )
+    with Checkpointer(os.path.join(run_dir, "checkpoints")) as checkpointer:
+        checkpointer.restore(model=learner.model, optimizer=learner.optimizer, step=1)
+    ours, theirs = (
+        nnx.to_pure_dict(nnx.state(loaded.model)),
+        nnx.to_pure_dict(nnx.state(learner.model)),
+    )
+    jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+    # The smoke run's rewards are all equal (no gradient), so steps 1 and 2 may hold the
+    # same weights; the latest is still chosen by step.
+    assert policy_loading.load_policy(f"checkpoint:{run_dir}").step == 2
+    metrics = model_eval.evaluate_loaded(loaded, _world(loaded), "val", num_tasks=NUM_TASKS)
+    assert metrics["policy_source"]["step"] == 1 and metrics["mode"] == "cold"
+
+
+def _world(loaded):
+    from ctu.world import data
+
+    return data.load_world(loaded.run_config.data.dir)
+
+
+def test_warm_start_folder_evaluates_as_an_hf_policy(run_dir, tmp_path):
+    metrics = _evaluate(f"hf:{os.path.join(run_dir, 'warm_start')}", tmp_path / "hf.json")
+    assert REQUIRED_KEYS <= set(metrics)
+    assert metrics["policy_source"]["kind"] == "hf" and metrics["policy_source"]["step"] is None
+    # The run's limits, not HF_DEFAULTS: the folder sits in a workdir.
+    config = feedback_dapo.get_config("smoke")
+    assert metrics["policy_source"]["max_new_tokens"] == config.rollout.max_new_tokens
+    assert metrics["data"] == config.data.dir
+
+
+def test_bad_workdirs_steps_and_policies_are_clear_errors(run_dir, tmp_path):
+    with pytest.raises(policy_loading.PolicySpecError, match="no workdir at /no/such/run"):
+        _evaluate("checkpoint:/no/such/run", tmp_path / "x.json")
+    with pytest.raises(policy_loading.PolicySpecError, match="available steps: 1, 2"):
+        _evaluate(f"checkpoint:{run_dir}@7", tmp_path / "x.json")
+    with pytest.raises(policy_loading.PolicySpecError, match="non-negative integer"):
+        _evaluate(f"checkpoint:{run_dir}@last", tmp_path / "x.json")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    shutil.copy(os.path.join(run_dir, "config.json"), fresh)
+    with pytest.raises(
+        policy_loading.PolicySpecError, match=f"no checkpoint in {fresh}.*launch.train"
+    ):
+        _evaluate(f"checkpoint:{fresh}", tmp_path / "x.json")
+    with pytest.raises(policy_loading.PolicySpecError, match="a training workdir; use checkpoint:"):
+        _evaluate(f"hf:{run_dir}", tmp_path / "x.json")
+    with pytest.raises(ValueError, match="--policy=genius"):
+        _evaluate("genius", tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.evaluate", f"--policy=checkpoint:{fresh}", "--out=/tmp/x"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and f"error: no checkpoint in {fresh}" in proc.stderr
+
+
+def test_compare_reads_the_run_and_its_evaluation(run_dir, tmp_path):
+    run = tmp_path / "fd_smoke"
+    run.mkdir()
+    for name in ("config.json", "metrics.jsonl"):
+        shutil.copy(os.path.join(run_dir, name), run)
+    _evaluate(f"checkpoint:{run_dir}", run / "eval_val.json", mode="feedback")
+    baseline = write_run(
+        tmp_path, "base", feedback=False, val={0: 0.0, 2: 0.5}, train={1: {"batch/rows": 8}}
+    )
+    result = compare.compare([str(run), baseline], str(tmp_path / "cmp"))
+    assert sorted(result.plots) == [
+        "failure_modes",
+        "learning_curves",
+        "success_by_rollout_position",
+        "success_per_level",
+    ]
+    rows = table_rows(open(result.summary_path).read(), "Runs")["fd_smoke"]
+    # By hand: rollouts generated = groups generated x group size, summed over steps.
+    merged = {}
+    for line in open(run / "metrics.jsonl"):
+        row = json.loads(line)
+        merged.setdefault(row.pop("step"), {}).update(row)
+    group_size = feedback_dapo.get_config("smoke").rollout.group_size
+    samples, expected = 0, "not reached"
+    for step in sorted(merged):
+        samples += merged[step].get("dynamic_sampling/generated", 0) * group_size
+        if merged[step].get("val/success", 0) >= 0.7:
+            expected = f"{samples:.0f}"
+            break
+    assert rows["samples to 70%"] == expected
+    assert rows["group"] == "DAPO + feedback" and rows["last step"] == "2"
+    assert rows["final val success"] == f"{100 * merged[2]['val/success']:.1f}%"
+    feedback = table_rows(open(result.summary_path).read(), "Cold start vs with feedback")
+    assert feedback["fd_smoke"]["evaluation"] == "eval_val.json"
