@@ -25,6 +25,7 @@ def test_oracle_solves_every_task_of_the_shipped_world():
         "info_gathering_completeness": 1.0,
         "call_order_correctness": 1.0,
         "tool_call_efficiency": 1.0,  # minimal_actions counts exactly the oracle's plan
+        "over_collection_rate": 0.0,
         "malformed_call_rate": 0.0,
         "tool_calls_per_episode": pytest.approx(sum(2 + len(t.requests) for t in tasks) / 1100),
     }

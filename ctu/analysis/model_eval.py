@@ -90,14 +90,17 @@ def examples(
     num_tasks: int,
     limit: int = NUM_EXAMPLES,
 ) -> list[dict]:
-    """A handful of decoded episodes: the first success and the first episode of each
-    failure type, then (feedback mode) the first retry; deterministic for a run."""
-    chosen, seen = [], set()
+    """A handful of decoded episodes: the first episode of each outcome (success or
+    failure type), topped up with the next episodes in order, then (feedback mode) the
+    first retry; deterministic for a run."""
+    firsts, seen = [], set()
     for i, record in enumerate(first):
         if record.failure_type not in seen:
             seen.add(record.failure_type)
-            chosen.append(("first_try", i // num_tasks, record))
-    chosen = chosen[: limit - 1 if retries else limit]
+            firsts.append(i)
+    firsts += [i for i in range(len(first)) if i not in firsts]
+    firsts = firsts[: limit - 1 if retries else limit]
+    chosen = [("first_try", i // num_tasks, first[i]) for i in sorted(firsts)]
     if retries:
         trials = _retry_trials(first, retries, num_tasks)
         chosen.append(("retry", trials[0], retries[0]))

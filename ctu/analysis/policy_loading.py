@@ -16,6 +16,7 @@ and turn limits are the run's (`rollout.*` of its config); an HF folder inside a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,6 +25,7 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
 
 from ctu import sharding
@@ -168,9 +170,19 @@ def checkpoint_steps(workdir: str) -> list[int]:
         return sorted(manager.all_steps())
 
 
-def _reader(directory: str) -> ocp.CheckpointManager:
+@contextlib.contextmanager
+def _reader(directory: str):
+    """A read-only orbax manager of a run's checkpoints. orbax logs every step of a read
+    (and warns that read-only managers do not save); only its errors are let through."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    return ocp.CheckpointManager(directory, options=options, item_names=checkpoint_lib.ITEMS)
+    manager = ocp.CheckpointManager(directory, options=options, item_names=checkpoint_lib.ITEMS)
+    try:
+        yield manager
+    finally:
+        manager.close()
+        logging.set_verbosity(verbosity)
 
 
 def _choose_step(workdir: str, step: int | None) -> int:

@@ -318,7 +318,8 @@ def behaviour(results: Sequence[EpisodeResult]) -> dict:
 
     info_gathering_completeness: mean share of the needed auth fields collected;
     call_order_correctness: share of phone calls not refused for an unmet
-    prerequisite; tool_call_efficiency: mean of minimal / actual actions;
+    prerequisite; tool_call_efficiency: mean of minimal / actual actions over the
+    successful episodes (a short failed episode is not efficient, just short);
     over_collection_rate: share of episodes whose form asked for a field the task
     does not need; malformed_call_rate: share of actions that were malformed tool calls.
     """
@@ -332,7 +333,7 @@ def behaviour(results: Sequence[EpisodeResult]) -> dict:
         "info_gathering_completeness": _mean(r.auth_collected for r in recorded),
         "call_order_correctness": 1.0 - phone_refusals / phone_calls if phone_calls else None,
         "tool_call_efficiency": _mean(
-            min(1.0, r.minimal_actions / r.num_actions) for r in recorded if r.num_actions
+            min(1.0, r.minimal_actions / r.num_actions) for r in recorded if r.success
         ),
         "over_collection_rate": _mean(
             r.over_collected > 0 for r in recorded if r.over_collected is not None
