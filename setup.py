@@ -27,7 +27,7 @@ BASE = [
 
 EXTRAS = {
     # Reference checks against PyTorch/transformers; pinned to the CPU wheel.
-    "dev": ["torch==2.13.0", "pytest", "pytest-xdist", "hypothesis", "ruff"],
+    "dev": ["torch==2.13.0", "pytest", "pytest-xdist", "hypothesis", "ruff", "tensorboard"],
     # Rollouts with vLLM on GPU (not installable on CPU-only machines).
     "gpu": ["vllm"],
 }
