@@ -204,6 +204,17 @@ def test_missing_data_gives_notes_and_the_plots_that_can_be_made(tmp_path):
     assert "## Missing data" in open(result.summary_path).read()
 
 
+def test_torn_lines_and_bad_eval_json_are_skipped_with_a_note(three_runs):
+    with open(os.path.join(three_runs[0], "metrics.jsonl"), "a") as f:
+        f.write('{"step": 5, "val/succ')  # a run still writing
+    with open(os.path.join(three_runs[0], "eval_val.json"), "w") as f:
+        f.write("{")
+    run = runs_lib.load_run(three_runs[0])
+    assert max(run.rows) == 4 and run.evals == {}
+    assert any("metrics.jsonl line" in n for n in run.notes)
+    assert any("eval_val.json is not valid JSON" in n for n in run.notes)
+
+
 def test_nothing_to_draw_skips_every_plot(tmp_path):
     result = compare.compare([write_run(tmp_path, "empty")], str(tmp_path / "cmp"))
     assert result.plots == {}

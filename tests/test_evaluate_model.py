@@ -62,6 +62,13 @@ def run_dir(tmp_path_factory):
     return workdir
 
 
+@pytest.fixture(scope="module")
+def feedback_eval(run_dir, tmp_path_factory):
+    """The latest checkpoint in feedback mode, 2 trials: (metrics returned, JSON path)."""
+    out = tmp_path_factory.mktemp("eval") / "eval_val.json"
+    return _evaluate(f"checkpoint:{run_dir}", out, mode="feedback", trials=2), out
+
+
 def _evaluate(policy, out, **kwargs):
     kwargs = {"num_tasks": NUM_TASKS, **kwargs}
     return model_eval.evaluate_and_write(policy, "val", None, str(out), **kwargs)
@@ -71,12 +78,12 @@ def _without_timing(metrics):
     return {k: v for k, v in metrics.items() if k != "wall_s"}
 
 
-def test_latest_checkpoint_json_has_the_keys_and_is_deterministic(run_dir, tmp_path):
-    kwargs = {"mode": "feedback", "trials": 2}
-    first = _evaluate(f"checkpoint:{run_dir}", tmp_path / "a.json", **kwargs)
-    again = _evaluate(f"checkpoint:{run_dir}", tmp_path / "b.json", **kwargs)
+def test_latest_checkpoint_json_has_the_keys_and_is_deterministic(run_dir, feedback_eval, tmp_path):
+    first, path = feedback_eval
+    again = _evaluate(f"checkpoint:{run_dir}", tmp_path / "b.json", mode="feedback", trials=2)
     assert _without_timing(first) == _without_timing(again)
-    written = json.loads((tmp_path / "a.json").read_text())
+    written = json.loads(path.read_text())
+    assert written == json.loads(json.dumps(first))
     assert REQUIRED_KEYS <= set(written)
     assert BEHAVIOUR_KEYS <= set(written["behaviour"])
     assert written["policy_source"]["step"] == 2 and written["policy_source"]["temperature"] == 0
@@ -163,12 +170,12 @@ def test_bad_workdirs_steps_and_policies_are_clear_errors(run_dir, tmp_path):
     assert proc.returncode != 0 and f"error: no checkpoint in {fresh}" in proc.stderr
 
 
-def test_compare_reads_the_run_and_its_evaluation(run_dir, tmp_path):
+def test_compare_reads_the_run_and_its_evaluation(run_dir, feedback_eval, tmp_path):
     run = tmp_path / "fd_smoke"
     run.mkdir()
-    for name in ("config.json", "metrics.jsonl"):
-        shutil.copy(os.path.join(run_dir, name), run)
-    _evaluate(f"checkpoint:{run_dir}", run / "eval_val.json", mode="feedback")
+    for path in (os.path.join(run_dir, "config.json"), os.path.join(run_dir, "metrics.jsonl")):
+        shutil.copy(path, run)
+    shutil.copy(feedback_eval[1], run / "eval_val.json")
     baseline = write_run(
         tmp_path, "base", feedback=False, val={0: 0.0, 2: 0.5}, train={1: {"batch/rows": 8}}
     )
@@ -196,4 +203,8 @@ def test_compare_reads_the_run_and_its_evaluation(run_dir, tmp_path):
     assert rows["group"] == "DAPO + feedback" and rows["last step"] == "2"
     assert rows["final val success"] == f"{100 * merged[2]['val/success']:.1f}%"
     feedback = table_rows(open(result.summary_path).read(), "Cold start vs with feedback")
+    metrics = feedback_eval[0]
     assert feedback["fd_smoke"]["evaluation"] == "eval_val.json"
+    assert feedback["fd_smoke"]["cold-start success"] == f"{100 * metrics['success_rate']:.1f}%"
+    with_feedback = metrics["with_feedback"]["success_rate"]
+    assert feedback["fd_smoke"]["with-feedback success"] == f"{100 * with_feedback:.1f}%"

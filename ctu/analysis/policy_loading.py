@@ -29,18 +29,17 @@ from absl import logging
 from flax import nnx
 
 from ctu import sharding
+from ctu.metrics import CONFIG_FILE
 from ctu.models import ModelConfig, Qwen, from_hf
 from ctu.rl import checkpoint as checkpoint_lib
 from ctu.rollout.records import RunnerSettings
 from ctu.run_config import RunSettings, settings_from_config
 from ctu.sampling import SamplingConfig
+from ctu.sft import WARM_START_DIR
 from ctu.text.chat_template import END_OF_TURN
 from ctu.text.tokenizer import load_tokenizer
+from ctu.train import CHECKPOINT_DIR, TOKENIZER_DIR  # the workdir layout, names only
 
-# The workdir layout ctu.train writes (kept in step with ctu/train.py and ctu/metrics.py).
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
-TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_PREFIX = "checkpoint:"
 HF_PREFIX = "hf:"
 # Limits and layout for an HF folder that is not part of a run.
@@ -191,7 +190,7 @@ def _choose_step(workdir: str, step: int | None) -> int:
         raise PolicySpecError(
             f"no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}: the run saved none yet; "
             f"train it with `python -m launch.train --config=... --workdir={workdir}` "
-            f"(or evaluate its warm start with --policy=hf:{os.path.join(workdir, 'warm_start')})"
+            f"(or evaluate its warm start with --policy=hf:{os.path.join(workdir, WARM_START_DIR)})"
         )
     if step is None:
         return steps[-1]
@@ -281,7 +280,7 @@ def load_hf(path: str) -> LoadedPolicy:
     if os.path.exists(os.path.join(path, "checkpoints")):
         raise PolicySpecError(
             f"--policy=hf:{path}: that is a training workdir; use checkpoint:{path} (its "
-            f"checkpoints) or hf:{os.path.join(path, 'warm_start')} (its warm start)"
+            f"checkpoints) or hf:{os.path.join(path, WARM_START_DIR)} (its warm start)"
         )
     if not os.path.exists(os.path.join(path, "tokenizer_config.json")):
         raise PolicySpecError(f"--policy=hf:{path}: the folder holds no tokenizer")

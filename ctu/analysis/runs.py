@@ -26,10 +26,8 @@ import os
 
 import numpy as np
 
-from ctu.metrics import read_jsonl
+from ctu.metrics import CONFIG_FILE, METRICS_FILE
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.json"
 EVAL_GLOB = "eval*.json"
 VAL_SUCCESS = "val/success"
 THRESHOLDS = (0.7, 0.9)
@@ -96,6 +94,25 @@ def _finite(value) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
+def _read_rows(path: str, name: str, notes: list[str]) -> list[dict]:
+    """The rows of a metrics.jsonl; a line that is not a JSON object with a step (e.g.
+    torn by a run that is still writing) is skipped with a note."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                notes.append(f"{name}: {METRICS_FILE} line {number} is not a metrics row; skipped")
+                continue
+            rows.append(row)
+    return rows
+
+
 def merge_rows(rows: list[dict]) -> dict[int, dict]:
     """metrics.jsonl rows -> step -> one dict of every key written at that step."""
     merged: dict[int, dict] = {}
@@ -130,15 +147,18 @@ def load_run(workdir: str) -> Run:
     rows = {}
     metrics_path = os.path.join(workdir, METRICS_FILE)
     if os.path.exists(metrics_path):
-        rows = merge_rows(read_jsonl(metrics_path))
+        rows = merge_rows(_read_rows(metrics_path, name, notes))
         if not rows:
             notes.append(f"{name}: {METRICS_FILE} is empty")
     else:
         notes.append(f"{name}: no {METRICS_FILE}: no learning curves or training numbers")
     evals = {}
     for path in sorted(glob.glob(os.path.join(workdir, EVAL_GLOB))):
-        with open(path, encoding="utf-8") as f:
-            evals[os.path.basename(path)] = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                evals[os.path.basename(path)] = json.load(f)
+        except json.JSONDecodeError as error:
+            notes.append(f"{name}: {os.path.basename(path)} is not valid JSON ({error}); skipped")
     run = Run(
         workdir=workdir,
         name=name,
