@@ -288,7 +288,8 @@ def load_hf(path: str) -> LoadedPolicy:
     # WORKDIR/warm_start decodes and shards as its run does.
     workdir = os.path.dirname(os.path.abspath(path))
     run_config = None
-    if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    in_run = os.path.basename(os.path.normpath(path)) == WARM_START_DIR
+    if in_run and os.path.exists(os.path.join(workdir, CONFIG_FILE)):
         run_config = read_run_config(workdir)
         settings = _run_settings(workdir, run_config)
         mesh_config, runner = settings.mesh, settings.rollout.runner
