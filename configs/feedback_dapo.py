@@ -50,14 +50,14 @@ def get_config(arg=None):
     # some of which read a <previous_attempts> block and act on it.
     config.warm_start = ml_collections.ConfigDict()
     config.warm_start.enable = True
-    config.warm_start.steps = 600
-    config.warm_start.batch_size = 16
+    config.warm_start.steps = 120
+    config.warm_start.batch_size = 8
     config.warm_start.learning_rate = 3e-3
     config.warm_start.warmup_steps = 50
     config.warm_start.num_tasks = 0  # train tasks demonstrated; 0 = all
     config.warm_start.demos_per_task = 1
     config.warm_start.feedback_demo_fraction = 0.3
-    config.warm_start.max_len = 1024
+    config.warm_start.max_len = 2560  # demonstrations longer than this are left out
 
     # Rollout
     config.rollout = ml_collections.ConfigDict()
@@ -115,8 +115,8 @@ def get_config(arg=None):
     config.optimizer.num_micro_batches = 1
 
     # Schedule, evaluation, checkpoints, logging
-    config.total_steps = 30
-    config.eval_every = 10
+    config.total_steps = 20
+    config.eval_every = 5
     config.eval = ml_collections.ConfigDict()
     config.eval.split = "val"
     config.eval.num_tasks = 100

@@ -47,25 +47,6 @@ def policy_names() -> list[str]:
     return [*evaluation.POLICY_FACTORIES, "checkpoint:WORKDIR[@STEP]", "hf:PATH"]
 
 
-def episode_result(
-    record: RolloutRecord, world: data.World, trial: int
-) -> evaluation.EpisodeResult:
-    """A model episode as an EpisodeResult, behaviour fields included."""
-    task = world.tasks[record.task_id]
-    return evaluation.EpisodeResult(
-        task_id=record.task_id,
-        level=task.level,
-        held_out_company=task.held_out_company,
-        trial=trial,
-        score=record.reward,
-        failure_type=record.failure_type,
-        num_actions=len(record.steps),
-        ended_by=record.ended_by,
-        feedback=record.feedback,
-        **evaluation.behaviour_fields(world, task, record.steps, record.partial_scores),
-    )
-
-
 def _retry_trials(
     first: Sequence[RolloutRecord], retries: Sequence[RolloutRecord], num_tasks: int
 ) -> list[int]:
@@ -149,7 +130,7 @@ def evaluate_loaded(
         runner=policy.runner,
     )
     records = played["records"]
-    first = [episode_result(r, world, i // len(tasks)) for i, r in enumerate(records)]
+    first = [rollout_eval.episode_result(r, world, i // len(tasks)) for i, r in enumerate(records)]
     metrics = evaluation.summarize(first, trials)
     metrics.update(rollout_eval.behaviour_metrics(records))
     metrics["per_level_success"] = {
@@ -158,7 +139,10 @@ def evaluate_loaded(
     retries = played.get("retries", [])
     if mode == "feedback":
         retry_trials = _retry_trials(records, retries, len(tasks))
-        retried = [episode_result(r, world, t) for r, t in zip(retries, retry_trials, strict=True)]
+        retried = [
+            rollout_eval.episode_result(r, world, t)
+            for r, t in zip(retries, retry_trials, strict=True)
+        ]
         metrics["with_feedback"] = evaluation.summarize_retries(first, retried)
         metrics["with_feedback"]["parse_failure_rate"] = (
             rollout_eval.behaviour_metrics(retries)["parse_failure_rate"] if retries else None

@@ -37,6 +37,7 @@ DEFAULT_MAX_FEEDBACK_TOKENS = 500
 def episode_result(
     record: RolloutRecord, world: data.World, trial: int
 ) -> evaluation.EpisodeResult:
+    """A model episode as an EpisodeResult, behaviour fields included."""
     task = world.tasks[record.task_id]
     return evaluation.EpisodeResult(
         task_id=record.task_id,
@@ -47,6 +48,8 @@ def episode_result(
         failure_type=record.failure_type,
         num_actions=len(record.steps),
         ended_by=record.ended_by,
+        feedback=record.feedback,
+        **evaluation.behaviour_fields(world, task, record.steps, record.partial_scores),
     )
 
 
