@@ -18,7 +18,6 @@ compute, over a mesh of every local GPU.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -32,6 +31,7 @@ from ctu import metrics, sharding
 from ctu.models import ModelConfig, to_hf
 from ctu.rl import train_step
 from ctu.rl.optim import OptimConfig
+from ctu.world.evaluation import write_json_atomic
 
 CPU_BATCH, CPU_LENGTH = 8, 256
 GPU_BATCH, GPU_LENGTH = 8, 2048
@@ -248,6 +248,5 @@ def run(out_path: str) -> dict:
         results["gpu"] = gpu_mfu()
     else:
         results["gpu"] = {"skipped": f"no GPU (default backend: {jax.default_backend()})"}
-    with open(out_path, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
+    write_json_atomic(out_path, results)
     return results
