@@ -17,6 +17,7 @@ builder, so the loss mask is 1 exactly on the agent's turns.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import random
 import time
@@ -31,8 +32,8 @@ from flax import nnx
 from ctu import feedback_guidance as fg
 from ctu import prompts, sharding
 from ctu.models import from_hf, to_hf
+from ctu.models.shared_prefix import common_prefix_length, shared_prefix_token_logp
 from ctu.rl.optim import OptimConfig, make_optimizer
-from ctu.rl.train_step import token_logp_and_entropy
 from ctu.text.conversation import ConversationBuilder, assistant_completion
 from ctu.world import agents, data, tools
 from ctu.world.env import Action, Environment
@@ -202,19 +203,24 @@ def pad_batch(
     return {"tokens": tokens, "loss_mask": mask}
 
 
-def sft_loss(model: nnx.Module, tokens: jax.Array, loss_mask: jax.Array):
-    """Token-mean negative log-likelihood over the agent's tokens (mask 1)."""
-    logp, _ = token_logp_and_entropy(model(tokens), tokens)
+def sft_loss(model: nnx.Module, tokens: jax.Array, loss_mask: jax.Array, prefix_len: int = 0):
+    """Token-mean negative log-likelihood over the agent's tokens (mask 1).
+
+    The first `prefix_len` tokens, shared by all rows and carrying no loss, run once
+    (ctu.models.shared_prefix); the result is the same as a plain forward's."""
+    logp = shared_prefix_token_logp(model, tokens, prefix_len)
     num_tokens = jnp.maximum(loss_mask.sum(), 1.0)
     loss = -(logp * loss_mask).sum() / num_tokens
     accuracy_proxy = (jnp.exp(logp) * loss_mask).sum() / num_tokens
     return loss, {"sft/loss": loss, "sft/mean_token_prob": accuracy_proxy, "sft/tokens": num_tokens}
 
 
-@nnx.jit
-def sft_step(optimizer: nnx.Optimizer, model: nnx.Module, batch: dict[str, jax.Array]):
+@functools.partial(nnx.jit, static_argnames=("prefix_len",))
+def sft_step(
+    optimizer: nnx.Optimizer, model: nnx.Module, batch: dict[str, jax.Array], prefix_len: int = 0
+):
     grad_fn = nnx.value_and_grad(sft_loss, has_aux=True)
-    (_, metrics), grads = grad_fn(model, batch["tokens"], batch["loss_mask"])
+    (_, metrics), grads = grad_fn(model, batch["tokens"], batch["loss_mask"], prefix_len)
     metrics["sft/grad_norm"] = optax.global_norm(grads)
     optimizer.update(model, grads)
     return metrics
@@ -297,8 +303,11 @@ def warm_start(
             tokenizer.pad_token_id,
             rows_multiple=sharding.batch_shards(mesh),
         )
+        prefix_len = common_prefix_length(batch["tokens"], batch["loss_mask"])
         with jax.set_mesh(mesh):
-            metrics = sft_step(optimizer, model, jax.device_put(batch, placement))
+            metrics = sft_step(
+                optimizer, model, jax.device_put(batch, placement), prefix_len=prefix_len
+            )
         if step % 10 == 0 or step == config.steps:
             scalars = {k: float(v) for k, v in metrics.items()}
             writer.write_scalars(step, scalars)

@@ -82,7 +82,9 @@ class SharedLearnerTest(chex.TestCase):
         cls.learner = _learner(_mesh(), num_mini_batches=2, max_consecutive_nonfinite=3)
         # The step is traced once: new state comes back with the shardings it went in.
         cls.learner._step = jax.jit(
-            chex.assert_max_traces(cls.learner._train_step, n=1), donate_argnums=0
+            chex.assert_max_traces(cls.learner._train_step, n=1),
+            donate_argnums=0,
+            static_argnums=3,  # prefix_len: these synthetic batches share no prefix
         )
 
     def test_micro_batches_give_the_full_mini_batch_gradient(self):

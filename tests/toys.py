@@ -237,7 +237,7 @@ def perfect_actions(world, task, observation_after_form: str = ""):
 
 def run_perfect(env, task):
     """Runs perfect_actions in env; returns the last StepResult."""
-    obs = env.reset(task.task_id)
+    env.reset(task.task_id)
     plan = perfect_actions(env.world, task)
     action = next(plan)
     while True:

@@ -47,6 +47,10 @@ from jax.sharding import Mesh
 
 from ctu import metrics as ctu_metrics
 from ctu import sharding
+from ctu.models.shared_prefix import (
+    common_prefix_length,
+    shared_prefix_token_logp_and_entropy,
+)
 from ctu.rl import losses
 from ctu.rl.optim import OptimConfig, learning_rate_schedule, make_optimizer
 
@@ -202,9 +206,12 @@ def _constrain_rows(tree: Any) -> Any:
 
 
 def mini_batch_gradients(
-    model: nnx.Module, mini: RolloutBatch, config: TrainConfig
+    model: nnx.Module, mini: RolloutBatch, config: TrainConfig, prefix_len: int = 0
 ) -> tuple[nnx.State, dict[str, jax.Array]]:
     """Gradients of the mini-batch loss w.r.t. the model's `nnx.Param`s, and metrics.
+
+    The first `prefix_len` tokens are shared by every row and carry no loss; they run
+    once (ctu.models.shared_prefix), which gives the same loss and gradients.
 
     The mini-batch is split into `config.num_micro_batches` micro-batches; each one's
     loss is divided by the whole mini-batch's denominator (`losses.loss_normalizer`),
@@ -217,8 +224,9 @@ def mini_batch_gradients(
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def micro_loss(params, micro):
-        logits = nnx.merge(graphdef, params, rest)(micro.tokens)
-        logp, entropy = token_logp_and_entropy(logits, micro.tokens)
+        logp, entropy = shared_prefix_token_logp_and_entropy(
+            nnx.merge(graphdef, params, rest), micro.tokens, prefix_len
+        )
         return losses.policy_loss(
             config.loss,
             logp=logp,
@@ -290,8 +298,8 @@ class Learner:
         self._state_shardings = jax.tree.map(
             lambda x: x.sharding, nnx.state((self.model, self.optimizer))
         )
-        self._step = jax.jit(self._train_step, donate_argnums=0)
-        self._logp = jax.jit(self._compute_logp)
+        self._step = jax.jit(self._train_step, donate_argnums=0, static_argnums=3)
+        self._logp = jax.jit(self._compute_logp, static_argnums=2)
         self.consecutive_nonfinite = 0
         self.total_nonfinite = 0
 
@@ -315,7 +323,9 @@ class Learner:
 
     # ----------------------------------------------------------------------- jitted
 
-    def _compute_logp(self, model_state: nnx.State, tokens: jax.Array) -> jax.Array:
+    def _compute_logp(
+        self, model_state: nnx.State, tokens: jax.Array, prefix_len: int = 0
+    ) -> jax.Array:
         """Per-token log-probs of `tokens` under `model_state`, micro-batch by micro-batch.
 
         Chunks have the training micro-batch's rows, so the logits fit where training's do.
@@ -325,12 +335,12 @@ class Learner:
 
         def forward(chunk):
             chunk = _constrain_rows(chunk)
-            return token_logp_and_entropy(model(chunk), chunk)[0]
+            return shared_prefix_token_logp_and_entropy(model, chunk, prefix_len)[0]
 
         return _merge_rows(jax.lax.map(forward, chunks))
 
     def _train_step(
-        self, state: nnx.State, batch: RolloutBatch, rows: jax.Array
+        self, state: nnx.State, batch: RolloutBatch, rows: jax.Array, prefix_len: int = 0
     ) -> tuple[nnx.State, dict[str, jax.Array]]:
         """One optimizer update on the mini-batch `batch[rows]`; NaN/inf steps are dropped."""
         # merge() may hand `state`'s Variables to the model, which the update mutates:
@@ -338,7 +348,7 @@ class Learner:
         old_leaves = jax.tree.leaves(state)
         model, optimizer = nnx.merge(self._graphdef, state)
         mini = _constrain_rows(jax.tree.map(lambda x: x[rows], batch))
-        grads, step_metrics = mini_batch_gradients(model, mini, self.config)
+        grads, step_metrics = mini_batch_gradients(model, mini, self.config, prefix_len)
         finite = _all_finite(grads) & jnp.isfinite(step_metrics["loss"])
         step_metrics["grad_norm"] = optax.tree.norm(grads)
         step_metrics["learning_rate"] = self._schedule(optimizer.step[...])
@@ -350,15 +360,17 @@ class Learner:
 
     # ----------------------------------------------------------------------- public
 
-    def compute_logp(self, tokens: jax.Array, *, reference: bool = False) -> jax.Array:
+    def compute_logp(
+        self, tokens: jax.Array, *, reference: bool = False, prefix_len: int = 0
+    ) -> jax.Array:
         """Per-token log-probs `[B, T]` of sharded `tokens` under the policy (or reference)."""
         if reference and self.reference is None:
             raise ValueError(f"loss {self.config.loss!r} has no KL term, so there is no reference")
         model_state = self.reference if reference else nnx.state(self.model)
         with jax.set_mesh(self.mesh):
-            return self._logp(model_state, tokens)
+            return self._logp(model_state, tokens, prefix_len)
 
-    def prepare(self, batch: RolloutBatch) -> RolloutBatch:
+    def prepare(self, batch: RolloutBatch, prefix_len: int = 0) -> RolloutBatch:
         """Fills `old_logp` (if recomputed) and `ref_logp` (if the loss needs them).
 
         Rows marked `guided` keep the sampler's `old_logp`: they were sampled under
@@ -366,29 +378,37 @@ class Learner:
         """
         self._check_batch(batch)
         if self.config.recompute_old_logp:
-            old_logp = self.compute_logp(batch.tokens)
+            old_logp = self.compute_logp(batch.tokens, prefix_len=prefix_len)
             if batch.guided is not None:
                 guided = batch.guided if batch.guided.ndim == 2 else batch.guided[:, None]
                 old_logp = jnp.where(guided, batch.old_logp, old_logp)
             batch = dataclasses.replace(batch, old_logp=old_logp)
         if self.reference is not None:
             batch = dataclasses.replace(
-                batch, ref_logp=self.compute_logp(batch.tokens, reference=True)
+                batch,
+                ref_logp=self.compute_logp(batch.tokens, reference=True, prefix_len=prefix_len),
             )
         return batch
 
-    def train_step(self, batch: RolloutBatch, rows: jax.Array) -> dict[str, jax.Array]:
+    def train_step(
+        self, batch: RolloutBatch, rows: jax.Array, prefix_len: int = 0
+    ) -> dict[str, jax.Array]:
         """One optimizer update on rows `rows` of a prepared batch; device metrics."""
         state = nnx.state((self.model, self.optimizer))
         with jax.set_mesh(self.mesh):
-            new_state, step_metrics = self._step(state, batch, rows)
+            new_state, step_metrics = self._step(state, batch, rows, prefix_len)
         nnx.update((self.model, self.optimizer), new_state)
         return step_metrics
 
-    def update(self, batch: RolloutBatch, rng: jax.Array) -> dict[str, float | None]:
+    def update(
+        self, batch: RolloutBatch, rng: jax.Array, *, prefix_len: int | None = None
+    ) -> dict[str, float | None]:
         """All the updates of one rollout batch: `ppo_epochs` x `num_mini_batches`.
 
         `batch` holds host arrays (this process's rows) or arrays already on the mesh.
+        `prefix_len`: how many leading tokens every row shares (and carries no loss
+        on); they run once per forward. None measures it from host arrays on a single
+        process, else 0 (on several hosts each sees only its rows: pass it explicitly).
 
         Returns host metrics averaged over the updates, plus `nonfinite` (skipped
         updates), `timing_s/update`, `perf/tokens_per_s` and `perf/mfu`.
@@ -396,7 +416,10 @@ class Learner:
         """
         config = self.config
         start = time.perf_counter()
-        batch = self.prepare(self.shard_batch(batch))
+        if prefix_len is None:
+            on_host = isinstance(batch.tokens, np.ndarray) and jax.process_count() == 1
+            prefix_len = common_prefix_length(batch.tokens, batch.mask) if on_host else 0
+        batch = self.prepare(self.shard_batch(batch), prefix_len)
         rows_per_mini = batch.batch_size // config.num_mini_batches
         step_metrics = []
         for epoch_key in jax.random.split(rng, config.ppo_epochs):
@@ -405,7 +428,8 @@ class Learner:
                 order = np.asarray(jax.random.permutation(epoch_key, batch.batch_size))
             for mini in range(config.num_mini_batches):
                 rows = order[mini * rows_per_mini : (mini + 1) * rows_per_mini]
-                step_metrics.append(self.train_step(batch, jnp.asarray(rows, jnp.int32)))
+                rows = jnp.asarray(rows, jnp.int32)
+                step_metrics.append(self.train_step(batch, rows, prefix_len))
         step_metrics = jax.device_get(step_metrics)
         elapsed = time.perf_counter() - start
 
@@ -437,6 +461,7 @@ class Learner:
         tokens = batch.tokens.size * config.ppo_epochs
         result["timing_s/update"] = elapsed
         result["perf/tokens_per_s"] = tokens / elapsed
+        result["batch/shared_prefix_tokens"] = float(prefix_len)
         result["perf/mfu"] = self._mfu(tokens / elapsed, batch.tokens.shape[1])
         return result
 
