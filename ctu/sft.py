@@ -239,15 +239,32 @@ def make_sft_optimizer(model: nnx.Module, config: WarmStartConfig) -> nnx.Optimi
     return nnx.Optimizer(model, make_optimizer(optim), wrt=nnx.Param)
 
 
-def batches(demos: Sequence[Demonstration], batch_size: int, *, seed: int):
-    """Endless shuffled mini-batches of demonstrations (a new order every epoch)."""
+def batches(demos: Sequence[Demonstration], batch_size: int, *, seed: int, window: int = 16):
+    """Endless mini-batches of demonstrations in a new shuffled order every epoch.
+
+    Within each window of `window` batches, demonstrations of the same kind (with or
+    without a critique in the prompt) and similar length go together, and the window's
+    batches are then shuffled: less padding, and a longer prompt prefix shared by the
+    batch's rows (`ctu.models.shared_prefix`). A window's incomplete last batch is
+    skipped (other demonstrations fill it in other epochs).
+    """
+    if len(demos) < batch_size:
+        raise ValueError(
+            f"{len(demos)} demonstrations cannot fill a batch of {batch_size}; lower "
+            "warm_start.batch_size or demonstrate more tasks."
+        )
     rng = np.random.default_rng(seed)
-    order: list[int] = []
     while True:
-        if len(order) < batch_size:
-            order += rng.permutation(len(demos)).tolist()
-        chunk, order = order[:batch_size], order[batch_size:]
-        yield [demos[i] for i in chunk]
+        order = rng.permutation(len(demos)).tolist()
+        for start in range(0, len(order), batch_size * window):
+            block = sorted(
+                order[start : start + batch_size * window],
+                key=lambda i: (demos[i].with_feedback, len(demos[i].tokens)),
+            )
+            chunks = [block[i : i + batch_size] for i in range(0, len(block), batch_size)]
+            for j in rng.permutation(len(chunks)):
+                if len(chunks[j]) == batch_size:
+                    yield [demos[i] for i in chunks[j]]
 
 
 def warm_start(

@@ -1,0 +1,112 @@
+"""Warm start: demonstrations (token-in/token-out, feedback-reading retries) and batching."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from ctu import feedback_guidance as fg
+from ctu import sft
+from ctu.text.chat_template import END_OF_TURN
+from ctu.world import tools
+from tests import toys
+
+
+@pytest.fixture(scope="module")
+def demos_and_tokenizer():
+    world = toys.shipped_world()
+    tokenizer = toys.tiny_tokenizer()
+    # Level-3 tasks fail often for the heuristic, so some retries read a critique.
+    tasks = [t for t in world.split("train") if t.level == 3][:12]
+    config = sft.WarmStartConfig(max_len=100_000, feedback_demo_fraction=1.0)
+    demos = sft.heuristic_demonstrations(
+        world, tasks, tokenizer, config, fg.FeedbackGuidanceConfig(), seed=0
+    )
+    return demos, tokenizer
+
+
+def test_loss_mask_covers_exactly_the_agent_turns(demos_and_tokenizer):
+    demos, tokenizer = demos_and_tokenizer
+    eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    for demo in demos:
+        tokens, mask = np.array(demo.tokens), np.array(demo.loss_mask)
+        assert mask[0] == 0 and mask.any()
+        # Each run of mask-1 tokens is one agent turn ending with its end-of-turn token,
+        # and decodes to a tool call or a message (never a user or tool turn).
+        starts = np.flatnonzero(np.diff(np.concatenate([[0], mask])) == 1)
+        ends = np.flatnonzero(np.diff(np.concatenate([mask, [0]])) == -1)
+        for start, end in zip(starts, ends, strict=True):
+            assert tokens[end] == eot
+            text = tokenizer.decode(tokens[start : end + 1].tolist())
+            assert "<tool_response>" not in text and "<|im_start|>" not in text
+
+
+def test_feedback_demos_carry_the_critique_and_do_better(demos_and_tokenizer):
+    demos, tokenizer = demos_and_tokenizer
+    by_task = {}
+    for demo in demos:
+        by_task.setdefault(demo.task_id, []).append(demo)
+    retried = [pair for pair in by_task.values() if len(pair) == 2]
+    assert retried, "no level-3 task gave a feedback-reading retry"
+    for first, second in retried:
+        assert not first.with_feedback and second.with_feedback
+        assert second.score > first.score
+        prompt = tokenizer.decode(list(second.tokens[: second.loss_mask.index(1)]))
+        assert fg.OPEN_TAG in prompt and fg.OPEN_TAG not in tokenizer.decode(list(first.tokens))
+
+
+def test_action_message_renders_tool_calls_the_parser_reads_back(demos_and_tokenizer):
+    from ctu.text import conversation, parse_tool_calls
+
+    _, tokenizer = demos_and_tokenizer
+    action = sft.Action("auth_info_form", {"fields": ["name", "phone"]})
+    text = conversation.assistant_completion(
+        tokenizer, sft.action_message(action), tools.TOOL_SCHEMAS
+    )
+    parsed = parse_tool_calls(text, tools.TOOL_SCHEMAS)
+    assert parsed.error is None
+    assert [(c.name, c.arguments) for c in parsed.calls] == [(action.name, action.kwargs)]
+
+
+def _fake_demos(n=40):
+    rng = np.random.default_rng(0)
+    return [
+        sft.Demonstration(f"t{i}", tuple(range(int(rng.integers(5, 50)))), (0,), 0.5, i % 5 == 0)
+        for i in range(n)
+    ]
+
+
+def test_batches_group_kinds_and_cover_every_demo():
+    demos = _fake_demos()  # 8 of 40 carry a critique
+    first_epoch = list(itertools.islice(sft.batches(demos, 4, seed=1, window=3), 9))
+    # Windows hold 12 demos (3 batches); sorting by kind leaves at most one batch per
+    # window mixing the two kinds (random batching would mix most of them).
+    mixed = sum(len({d.with_feedback for d in batch}) > 1 for batch in first_epoch)
+    assert mixed <= 3
+    assert all(len(batch) == 4 for batch in first_epoch)
+    seen = set()
+    for batch in itertools.islice(sft.batches(demos, 4, seed=1, window=3), 60):
+        seen.update(d.task_id for d in batch)
+    assert seen == {d.task_id for d in demos}
+    again = [
+        d.task_id for b in itertools.islice(sft.batches(demos, 4, seed=1, window=3), 5) for d in b
+    ]
+    first = [
+        d.task_id for b in itertools.islice(sft.batches(demos, 4, seed=1, window=3), 5) for d in b
+    ]
+    assert again == first
+
+
+def test_batches_refuse_too_few_demos():
+    with pytest.raises(ValueError, match="batch_size"):
+        next(sft.batches(_fake_demos(3), 4, seed=0))
+
+
+def test_pad_batch_pads_rows_and_length_with_masked_padding():
+    demos = _fake_demos(3)
+    batch = sft.pad_batch(demos, 64, pad_id=7, rows_multiple=4)
+    assert batch["tokens"].shape == (4, 64) and batch["loss_mask"].shape == (4, 64)
+    assert (batch["tokens"][3] == 7).all() and not batch["loss_mask"][3].any()
+    for row, demo in enumerate(demos):
+        assert batch["tokens"][row, : len(demo.tokens)].tolist() == list(demo.tokens)
+        assert (batch["tokens"][row, len(demo.tokens) :] == 7).all()
