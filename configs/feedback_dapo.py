@@ -39,6 +39,7 @@ def get_config(arg=None):
     config.model.tokenizer = ""
     config.model.tokenizer_vocab_size = 2048
     config.model.tokenizer_episodes = 200  # scripted episodes added to its training text
+    config.model.tokenizer_max_digits = 3  # numbers split into pieces of up to 3 digits
 
     # Mesh (-1: the remaining devices)
     config.mesh = ml_collections.ConfigDict()
@@ -58,6 +59,9 @@ def get_config(arg=None):
     config.warm_start.demos_per_task = 1
     config.warm_start.feedback_demo_fraction = 0.3
     config.warm_start.max_len = 2560  # demonstrations longer than this are left out
+    # Weight of language modelling on the environment's text (user, tools) beside the
+    # agent's turns: a from-scratch model learns to read and copy from it.
+    config.warm_start.context_loss_weight = 1.0
 
     # Rollout
     config.rollout = ml_collections.ConfigDict()

@@ -52,6 +52,7 @@ class WarmStartConfig:
     demos_per_task: int = 1
     feedback_demo_fraction: float = 0.3
     max_len: int = 1024
+    context_loss_weight: float = 0.0
 
     def __post_init__(self):
         if self.num_tasks < 0:
@@ -64,6 +65,10 @@ class WarmStartConfig:
                 "warm_start.feedback_demo_fraction must be in [0, 1], got "
                 f"{self.feedback_demo_fraction}"
             )
+        if self.context_loss_weight < 0:
+            raise ValueError(
+                f"warm_start.context_loss_weight must be >= 0, got {self.context_loss_weight}"
+            )
         if self.warmup_steps < 0 or self.learning_rate <= 0:
             raise ValueError("warm_start.warmup_steps must be >= 0 and learning_rate > 0")
 
@@ -75,6 +80,7 @@ class Demonstration:
     loss_mask: tuple[int, ...]
     score: float
     with_feedback: bool
+    context_start: int  # first token after the system turn: the user's request on
 
 
 # ---- demonstrations ---------------------------------------------------------------
@@ -120,8 +126,15 @@ def record_episode(
 
 
 def _demo(task_id, builder, info, with_feedback) -> Demonstration:
+    tokens = builder.tokens()
+    context_start = tokens.index(builder.end_of_turn_id) + 1
     return Demonstration(
-        task_id, tuple(builder.tokens()), tuple(builder.loss_mask()), info["score"], with_feedback
+        task_id,
+        tuple(tokens),
+        tuple(builder.loss_mask()),
+        info["score"],
+        with_feedback,
+        context_start,
     )
 
 
@@ -193,34 +206,70 @@ def pad_batch(
     demos: Sequence[Demonstration], length: int, pad_id: int, rows_multiple: int = 1
 ) -> dict[str, np.ndarray]:
     """Right-pads demonstrations to `length` and the rows, with all-masked rows, to a
-    multiple of `rows_multiple`: tokens int32 and loss mask float32."""
+    multiple of `rows_multiple`: tokens int32, and float32 masks of the agent's tokens
+    (`loss_mask`) and of the environment's tokens after the system turn (`context_mask`:
+    the user's words, tool results)."""
     rows = -(-len(demos) // rows_multiple) * rows_multiple
     tokens = np.full((rows, length), pad_id, np.int32)
     mask = np.zeros((rows, length), np.float32)
+    context = np.zeros((rows, length), np.float32)
     for row, demo in enumerate(demos):
         tokens[row, : len(demo.tokens)] = demo.tokens
         mask[row, : len(demo.loss_mask)] = demo.loss_mask
-    return {"tokens": tokens, "loss_mask": mask}
+        context[row, demo.context_start : len(demo.tokens)] = 1.0
+    context *= 1.0 - mask
+    return {"tokens": tokens, "loss_mask": mask, "context_mask": context}
 
 
-def sft_loss(model: nnx.Module, tokens: jax.Array, loss_mask: jax.Array, prefix_len: int = 0):
-    """Token-mean negative log-likelihood over the agent's tokens (mask 1).
+def sft_loss(
+    model: nnx.Module,
+    tokens: jax.Array,
+    loss_mask: jax.Array,
+    context_mask: jax.Array | None = None,
+    *,
+    context_weight: float = 0.0,
+    prefix_len: int = 0,
+):
+    """Token-mean negative log-likelihood over the agent's tokens (mask 1), plus
+    `context_weight` times the token-mean over the environment's tokens.
+
+    The context term is language modelling on the world's text (what users say, what
+    the tools answer) that a from-scratch model has never read; copying names, numbers
+    and fields from it is most of the agent's job. It weights tokens the policy never
+    samples, so it belongs to the warm start only, never to RL.
 
     The first `prefix_len` tokens, shared by all rows and carrying no loss, run once
     (ctu.models.shared_prefix); the result is the same as a plain forward's."""
     logp = shared_prefix_token_logp(model, tokens, prefix_len)
     num_tokens = jnp.maximum(loss_mask.sum(), 1.0)
-    loss = -(logp * loss_mask).sum() / num_tokens
+    agent_loss = -(logp * loss_mask).sum() / num_tokens
     accuracy_proxy = (jnp.exp(logp) * loss_mask).sum() / num_tokens
-    return loss, {"sft/loss": loss, "sft/mean_token_prob": accuracy_proxy, "sft/tokens": num_tokens}
+    metrics = {
+        "sft/loss": agent_loss,
+        "sft/mean_token_prob": accuracy_proxy,
+        "sft/tokens": num_tokens,
+    }
+    loss = agent_loss
+    if context_mask is not None and context_weight > 0:
+        context_loss = -(logp * context_mask).sum() / jnp.maximum(context_mask.sum(), 1.0)
+        metrics["sft/context_loss"] = context_loss
+        loss = loss + context_weight * context_loss
+    return loss, metrics
 
 
-@functools.partial(nnx.jit, static_argnames=("prefix_len",))
+@functools.partial(nnx.jit, static_argnames=("prefix_len", "context_weight"))
 def sft_step(
-    optimizer: nnx.Optimizer, model: nnx.Module, batch: dict[str, jax.Array], prefix_len: int = 0
+    optimizer: nnx.Optimizer,
+    model: nnx.Module,
+    batch: dict[str, jax.Array],
+    prefix_len: int = 0,
+    context_weight: float = 0.0,
 ):
-    grad_fn = nnx.value_and_grad(sft_loss, has_aux=True)
-    (_, metrics), grads = grad_fn(model, batch["tokens"], batch["loss_mask"], prefix_len)
+    loss_fn = functools.partial(sft_loss, context_weight=context_weight, prefix_len=prefix_len)
+    grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+    (_, metrics), grads = grad_fn(
+        model, batch["tokens"], batch["loss_mask"], batch.get("context_mask")
+    )
     metrics["sft/grad_norm"] = optax.global_norm(grads)
     optimizer.update(model, grads)
     return metrics
@@ -320,10 +369,15 @@ def warm_start(
             tokenizer.pad_token_id,
             rows_multiple=sharding.batch_shards(mesh),
         )
-        prefix_len = common_prefix_length(batch["tokens"], batch["loss_mask"])
+        weighted = batch["loss_mask"] + config.context_loss_weight * batch["context_mask"]
+        prefix_len = common_prefix_length(batch["tokens"], weighted)
         with jax.set_mesh(mesh):
             metrics = sft_step(
-                optimizer, model, jax.device_put(batch, placement), prefix_len=prefix_len
+                optimizer,
+                model,
+                jax.device_put(batch, placement),
+                prefix_len=prefix_len,
+                context_weight=config.context_loss_weight,
             )
         if step % 10 == 0 or step == config.steps:
             scalars = {k: float(v) for k, v in metrics.items()}

@@ -66,6 +66,7 @@ def _tokenizer(settings: RunSettings, workdir: str):
         settings.model["tokenizer_vocab_size"],
         tools.TOOL_SCHEMAS,
         num_episodes=settings.model["tokenizer_episodes"],
+        max_digits=settings.model["tokenizer_max_digits"],
     )
 
 

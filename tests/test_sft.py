@@ -71,7 +71,7 @@ def test_action_message_renders_tool_calls_the_parser_reads_back(demos_and_token
 def _fake_demos(n=40):
     rng = np.random.default_rng(0)
     return [
-        sft.Demonstration(f"t{i}", tuple(range(int(rng.integers(5, 50)))), (0,), 0.5, i % 5 == 0)
+        sft.Demonstration(f"t{i}", tuple(range(int(rng.integers(5, 50)))), (0,), 0.5, i % 5 == 0, 0)
         for i in range(n)
     ]
 
@@ -110,3 +110,51 @@ def test_pad_batch_pads_rows_and_length_with_masked_padding():
     for row, demo in enumerate(demos):
         assert batch["tokens"][row, : len(demo.tokens)].tolist() == list(demo.tokens)
         assert (batch["tokens"][row, len(demo.tokens) :] == 7).all()
+
+
+def test_context_mask_is_the_environment_after_the_system_turn(demos_and_tokenizer):
+    demos, tokenizer = demos_and_tokenizer
+    eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    batch = sft.pad_batch(demos[:4], max(len(d.tokens) for d in demos[:4]) + 5, pad_id=0)
+    for row, demo in enumerate(demos[:4]):
+        context, agent = batch["context_mask"][row], batch["loss_mask"][row]
+        assert not (context * agent).any()  # never an agent token
+        assert not context[len(demo.tokens) :].any()  # never padding
+        # Nothing of the system turn (instructions, tools, critique) is context...
+        assert demo.tokens[demo.context_start - 1] == eot
+        assert eot not in demo.tokens[: demo.context_start - 1]
+        assert not context[: demo.context_start].any()
+        # ...and every other non-agent token is: the user's words and the tool results.
+        rest = np.arange(demo.context_start, len(demo.tokens))
+        assert (context[rest] + agent[rest] == 1).all()
+        user_text = tokenizer.decode(list(demo.tokens[demo.context_start :]))
+        assert user_text.lstrip().startswith("<|im_start|>user")
+
+
+def test_sft_loss_adds_the_weighted_context_term():
+    import jax
+    import jax.numpy as jnp
+
+    model = toys.tiny_model(toys.tiny_model_config(vocab_size=64), weight_scale=3.0)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 64, (3, 20)), jnp.int32)
+    agent = jnp.asarray(rng.random((3, 20)) < 0.3, jnp.float32)
+    context = (1.0 - agent) * jnp.asarray(rng.random((3, 20)) < 0.5, jnp.float32)
+    context = context.at[:, 0].set(0.0)
+    # Reference: log-probs from the plain forward.
+    logp = jax.nn.log_softmax(model(tokens)[:, :-1], axis=-1)
+    logp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    logp = jnp.concatenate([jnp.zeros((3, 1)), logp], axis=1)
+    nll_agent = -(logp * agent).sum() / agent.sum()
+    nll_context = -(logp * context).sum() / context.sum()
+    plain, metrics = sft.sft_loss(model, tokens, agent)
+    weighted, metrics_w = sft.sft_loss(model, tokens, agent, context, context_weight=0.5)
+    np.testing.assert_allclose(plain, nll_agent, rtol=1e-5)
+    np.testing.assert_allclose(weighted, nll_agent + 0.5 * nll_context, rtol=1e-5)
+    np.testing.assert_allclose(metrics_w["sft/loss"], metrics["sft/loss"], rtol=1e-6)
+    np.testing.assert_allclose(metrics_w["sft/context_loss"], nll_context, rtol=1e-5)
+
+
+def test_warm_start_config_refuses_a_negative_context_weight():
+    with pytest.raises(ValueError, match="context_loss_weight"):
+        sft.WarmStartConfig(context_loss_weight=-1.0)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -234,3 +235,35 @@ def test_rendered_tool_calls_parse_back(tokenizer):
         ("auth_info_form", {"fields": ["name"]}),
         ("search_company", {"company_name": "Zé"}),
     ]
+
+
+def test_numbers_split_into_pieces_of_at_most_max_digits(tmp_path):
+    texts = toys.text_training_texts() + ["+1-866-777-8856 account 3629562800"] * 50
+    for max_digits in (1, 3):
+        tok = text.build_tokenizer(
+            texts, str(tmp_path / str(max_digits)), vocab_size=700, max_digits=max_digits
+        )
+        sample = "call +1-866-777-8856 for 3629562800, born 1967-03-04"
+        pieces = [tok.convert_tokens_to_string([p]) for p in tok.tokenize(sample)]
+        digit_runs = [run for p in pieces for run in re.findall(r"\d+", p)]
+        assert max(map(len, digit_runs)) == max_digits
+        assert "".join(digit_runs) == re.sub(r"\D", "", sample)  # no piece spans a non-digit
+        assert tok.decode(tok.encode(sample, add_special_tokens=False)) == sample
+    with pytest.raises(ValueError, match="max_digits"):
+        text.build_tokenizer(["a"], str(tmp_path / "bad"), vocab_size=700, max_digits=0)
+
+
+def test_capitalised_words_tokenize_alike_in_prose_and_json(tmp_path):
+    """A name the user writes ("with Ironwood Care") and the same name inside a tool
+    call's JSON string are the same tokens, so copying it is copying tokens."""
+    texts = toys.text_training_texts() + ['call Ironwood Care {"company_name": "x"}'] * 50
+    tok = text.build_tokenizer(texts, str(tmp_path), vocab_size=700)
+    for name in ("Ironwood Care", "Paul Reyes", "O'Neil Smith-Jones"):
+        in_prose = tok.encode(f"please call {name}.", add_special_tokens=False)
+        in_json = tok.encode(json.dumps({"company_name": name}), add_special_tokens=False)
+        name_ids = tok.encode(name, add_special_tokens=False)
+        assert _contains(in_prose, name_ids) and _contains(in_json, name_ids), name
+
+
+def _contains(ids, part):
+    return any(ids[i : i + len(part)] == part for i in range(len(ids) - len(part) + 1))

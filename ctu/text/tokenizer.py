@@ -13,12 +13,15 @@ from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ctu import prompts
 from ctu.text import chat_template
 
-# Qwen2's pre-tokenisation regex: digits are single pieces and newlines stay apart from
-# words, so the text after `<|im_start|>assistant\n` starts a fresh piece.
+# Qwen2's pre-tokenisation regex, with numbers cut into pieces of up to `{digits}`
+# digits (1 is Qwen2's; 3 is GPT-4's and Llama 3's); newlines stay apart from words,
+# so the text after `<|im_start|>assistant\n` starts a fresh piece.
 PRETOKENIZE_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|\p{Lu}\p{L}*|[^\r\n\p{L}\p{N}]?(?!\p{Lu})\p{L}+"
+    r"|\p{N}{1,DIGITS}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 # The 256 byte symbols plus the special tokens must fit.
@@ -38,8 +41,14 @@ def _training_pieces(texts: Iterable[str]) -> Iterable[str]:
                 yield piece
 
 
-def build_tokenizer(texts: Sequence[str], out_dir: str, vocab_size: int = 4096) -> Any:
+def build_tokenizer(
+    texts: Sequence[str], out_dir: str, vocab_size: int = 4096, *, max_digits: int = 1
+) -> Any:
     """Trains a byte-level BPE tokenizer on `texts` and saves it in Hugging Face format.
+
+    Numbers are pre-split into pieces of at most `max_digits` digits. Longer pieces
+    make a phone or account number a few distinctive tokens instead of a run of
+    single digits, which a small model copies far more easily.
 
     `out_dir` gets tokenizer.json and tokenizer_config.json (eos `<|im_end|>`, pad
     `<|endoftext|>`, the tool-capable chat template). Every string in
@@ -55,11 +64,14 @@ def build_tokenizer(texts: Sequence[str], out_dir: str, vocab_size: int = 4096) 
         )
     if not texts:
         raise ValueError("build_tokenizer needs at least one training text; got none.")
+    if not 1 <= max_digits <= 9:
+        raise ValueError(f"max_digits must be in 1..9, got {max_digits}")
+    pattern = PRETOKENIZE_PATTERN.replace("DIGITS", str(max_digits))
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -196,10 +208,15 @@ def make_world_tokenizer(
     tools: Sequence[dict] | None = None,
     *,
     num_episodes: int = 0,
+    max_digits: int = 1,
 ) -> Any:
     """`build_tokenizer` on `world_texts(data_dir, tools)` plus, when num_episodes > 0,
-    `episode_texts(data_dir, num_episodes)`."""
+    `episode_texts(data_dir, num_episodes)` and the system turn (instructions and tool
+    schemas) once per episode, as often as a policy reads it."""
     texts = world_texts(data_dir, tools)
     if num_episodes > 0:
         texts += episode_texts(data_dir, num_episodes)
-    return build_tokenizer(texts, out_dir, vocab_size=vocab_size)
+        system_turn = [prompts.SYSTEM_PROMPT, chat_template.TOOLS_PREAMBLE]
+        system_turn += [json.dumps(tool, ensure_ascii=False) for tool in tools or ()]
+        texts += system_turn * num_episodes
+    return build_tokenizer(texts, out_dir, vocab_size=vocab_size, max_digits=max_digits)
