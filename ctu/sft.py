@@ -31,6 +31,7 @@ from flax import nnx
 
 from ctu import feedback_guidance as fg
 from ctu import prompts, sharding
+from ctu.analysis.copy_probe import copy_accuracy
 from ctu.models import from_hf, to_hf
 from ctu.models.shared_prefix import common_prefix_length, shared_prefix_token_logp
 from ctu.rl.optim import OptimConfig, make_optimizer
@@ -190,6 +191,11 @@ def heuristic_demonstrations(
 
 
 # ---- supervised fine-tuning ---------------------------------------------------------
+
+
+def world_split_for_probe(world: data.World) -> str:
+    """The split the copy probe reads after a warm start: val, else train (tiny worlds)."""
+    return "val" if world.split("val") else "train"
 
 
 # Batches are padded to a multiple of this, so a run compiles a few shapes only.
@@ -383,7 +389,16 @@ def warm_start(
             scalars = {k: float(v) for k, v in metrics.items()}
             writer.write_scalars(step, scalars)
             log(f"warm start step {step}/{config.steps}: loss {scalars['sft/loss']:.3f}")
-    writer.write_scalars(config.steps, {"timing_s/warm_start": time.perf_counter() - started})
+    copying = copy_accuracy(model, tokenizer, world, world_split_for_probe(world), seed=seed)
+    log(
+        "warm start: teacher-forced copying on held-out episodes: "
+        + ", ".join(f"{k.split('/')[1]} {v:.0%}" for k, v in sorted(copying.items()))
+    )
+    writer.write_scalars(
+        config.steps,
+        {"timing_s/warm_start": time.perf_counter() - started}
+        | {f"warm_start/{k}": v for k, v in copying.items()},
+    )
     to_hf(model, model_config, out)
     tokenizer.save_pretrained(out)
     return model

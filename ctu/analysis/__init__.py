@@ -5,5 +5,7 @@
 - model_eval.py: `launch.evaluate` for every policy (scripted or model); the JSON keys.
 - runs.py: a run's workdir read back (metrics merged by step, config, eval JSONs);
   samples/tasks counted, thresholds reached, seeds aggregated.
+- copy_probe.py: the teacher-forced probe of whether a policy copies tool-call
+  arguments (company name, phone number, auth values) from its context.
 - plots.py: the matplotlib figures; compare.py: `launch.compare` (plots + summary.md).
 """

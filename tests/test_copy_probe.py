@@ -1,0 +1,77 @@
+"""The teacher-forced copy probe counts exactly the argument values a model reproduces."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from ctu.analysis import copy_probe
+from tests import toys
+
+
+class _NextTokenOracle:
+    """A 'model' whose logits at t put all mass on the true token t + 1 of `tokens`,
+    optionally wrong on every position in `wrong_at`."""
+
+    def __init__(self, vocab_size, wrong_at=()):
+        self.vocab_size = vocab_size
+        self.wrong_at = set(wrong_at)
+
+    def __call__(self, tokens):
+        nxt = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+        for t in self.wrong_at:
+            nxt = nxt.at[:, t].set((nxt[:, t] + 1) % self.vocab_size)
+        return jax.nn.one_hot(nxt, self.vocab_size) * 10.0
+
+
+@pytest.fixture(scope="module")
+def world_and_tokenizer():
+    return toys.shipped_world(), toys.tiny_tokenizer()
+
+
+def test_a_perfect_next_token_model_copies_everything(world_and_tokenizer):
+    world, tokenizer = world_and_tokenizer
+    scores = copy_probe.copy_accuracy(
+        _NextTokenOracle(len(tokenizer)), tokenizer, world, "val", num_tasks=4
+    )
+    assert set(scores) == {"copy/company_name", "copy/phone_number", "copy/auth_values"}
+    assert all(v == 1.0 for v in scores.values())
+
+
+def test_a_constant_model_copies_nothing(world_and_tokenizer):
+    world, tokenizer = world_and_tokenizer
+
+    def constant(tokens):
+        return jnp.zeros(tokens.shape + (len(tokenizer),)).at[..., 5].set(1.0)
+
+    scores = copy_probe.copy_accuracy(constant, tokenizer, world, "val", num_tasks=4)
+    assert scores and all(v == 0.0 for v in scores.values())
+
+
+def test_one_wrong_token_fails_only_its_value(world_and_tokenizer):
+    world, tokenizer = world_and_tokenizer
+    from ctu import prompts
+    from ctu.sft import record_episode
+    from ctu.world import agents
+    from ctu.world.env import Environment
+
+    # Find where the first episode's company name sits, and break only its last token.
+    task = world.split("val")[0]
+    recorder = copy_probe._Recorder(agents.Heuristic(seed=0))
+    env = Environment(world, [task], seed=0)
+    builder, _ = record_episode(
+        env, recorder, task.task_id, tokenizer, system=prompts.system_prompt()
+    )
+    name = recorder.actions[0].kwargs["company_name"]
+    ids = tokenizer.encode(name, add_special_tokens=False)
+    at = copy_probe._find_in_agent_turns(builder.tokens(), builder.loss_mask(), ids, 0)
+    assert at > 0
+    model = _NextTokenOracle(len(tokenizer), wrong_at=[at + len(ids) - 2])
+    scores = copy_probe.copy_accuracy(model, tokenizer, world, "val", num_tasks=1)
+    assert scores["copy/company_name"] == 0.0
+    assert scores["copy/auth_values"] == 1.0
+
+
+def test_an_empty_split_is_a_clear_error(world_and_tokenizer):
+    world, tokenizer = world_and_tokenizer
+    with pytest.raises(ValueError, match="no tasks"):
+        copy_probe.copy_accuracy(lambda t: t, tokenizer, world, "val", num_tasks=0)
