@@ -5,8 +5,9 @@
 reads each workdir (`ctu.analysis.runs`: merged metrics.jsonl, config.json, eval*.json)
 and writes into the output directory:
 
-- learning_curves.png: val/success against rollouts generated and against step, one
-  line per group (e.g. "DAPO + feedback" vs "DAPO") with a ±std band over seeds;
+- learning_curves.png: val/success against rollouts generated and against step, and
+  val/score (partial credit) against rollouts generated, one line per group (e.g.
+  "DAPO + feedback" vs "DAPO") with a ±std band over seeds;
 - success_by_rollout_position.png: training success of rollout 1..n of a group
   (`success_at_rollout/k`, mean over steps);
 - success_per_level.png: val/success_level_L at the last evaluation, step 0 marked;

@@ -35,41 +35,55 @@ def _seeds_label(group: str, count: int) -> str:
     return f"{group} ({count} seed{'s' if count != 1 else ''})"
 
 
+def _band(ax, x, curve, scale: float, color: str, label: str) -> None:
+    ax.plot(x, scale * curve.mean, marker="o", color=color, label=label)
+    low, high = scale * (curve.mean - curve.std), scale * (curve.mean + curve.std)
+    ax.fill_between(x, low, high, color=color, alpha=0.2)
+
+
 def learning_curves(groups: dict[str, list[runs_lib.Run]], path: str) -> str | None:
-    """val/success against rollouts generated (left) and against training step (right)."""
+    """val/success against rollouts generated and against training step, and the mean
+    validation score (partial credit, which moves before success does) against
+    rollouts generated."""
     curves = {g: runs_lib.group_curve(rs, runs_lib.VAL_SUCCESS) for g, rs in groups.items()}
     curves = {g: c for g, c in curves.items() if c is not None}
     if not curves:
         return None
-    fig, (by_samples, by_step) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    scores = {g: runs_lib.group_curve(rs, runs_lib.VAL_SCORE) for g, rs in groups.items()}
+    fig, (by_samples, by_step, score) = plt.subplots(1, 3, figsize=(18, 4.5))
     for index, (group, curve) in enumerate(sorted(curves.items())):
-        color = f"C{index}"
-        label = _seeds_label(group, curve.seeds)
-        for ax, x in ((by_samples, curve.samples), (by_step, curve.steps)):
-            if x is None:
-                continue
-            ax.plot(x, 100 * curve.mean, marker="o", color=color, label=label)
-            ax.fill_between(
-                x,
-                100 * (curve.mean - curve.std),
-                100 * (curve.mean + curve.std),
-                color=color,
-                alpha=0.2,
-            )
+        color, label = f"C{index}", _seeds_label(group, curve.seeds)
+        if curve.samples is not None:
+            _band(by_samples, curve.samples, curve, 100, color, label)
+        _band(by_step, curve.steps, curve, 100, color, label)
+        score_curve = scores.get(group)
+        if score_curve is not None:
+            x = score_curve.samples if score_curve.samples is not None else score_curve.steps
+            _band(score, x, score_curve, 1, color, label)
     for threshold in runs_lib.THRESHOLDS:
         for ax in (by_samples, by_step):
             ax.axhline(100 * threshold, color="grey", linestyle=":", linewidth=1)
     by_samples.set_xlabel("rollouts generated (episodes)")
     by_step.set_xlabel("training step")
     by_step.xaxis.set_major_locator(MaxNLocator(integer=True))
-    by_samples.set_ylabel("validation success (%)")
+    for ax in (by_samples, by_step):
+        ax.set_ylabel("validation success (%)")
+        ax.set_ylim(-2, 102)
     by_samples.set_title("Validation success vs samples (mean ± std over seeds)")
     by_step.set_title("Validation success vs step (step 0 = after warm start)")
-    for ax in (by_samples, by_step):
-        ax.set_ylim(-2, 102)
+    any_samples = any(c.samples is not None for c in scores.values() if c is not None)
+    score.set_xlabel("rollouts generated (episodes)" if any_samples else "training step")
+    score.set_ylabel("validation mean score (0-1)")
+    score.set_ylim(-0.02, 1.02)
+    score.set_title("Validation mean score (partial credit)")
+    for ax, corner in (
+        (by_samples, "lower right"),
+        (by_step, "lower right"),
+        (score, "upper left"),
+    ):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="lower right")
+            ax.legend(loc=corner)
     if all(curve.samples is None for curve in curves.values()):
         by_samples.text(
             0.5, 0.5, "rollout counts unknown", ha="center", transform=by_samples.transAxes

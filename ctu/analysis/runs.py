@@ -30,6 +30,7 @@ from ctu.metrics import CONFIG_FILE, METRICS_FILE
 
 EVAL_GLOB = "eval*.json"
 VAL_SUCCESS = "val/success"
+VAL_SCORE = "val/score"
 THRESHOLDS = (0.7, 0.9)
 
 
