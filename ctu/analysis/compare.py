@@ -113,19 +113,25 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+# The columns the per-run and per-group tables share, after their identifying ones.
+_METRIC_COLUMNS = (
+    "samples to 70%",
+    "tasks to 70%",
+    "samples to 90%",
+    "tasks to 90%",
+    "final val success",
+    "base-policy improvement",
+    "mean step time (s)",
+)
+
+
 def run_table(runs: list[runs_lib.Run]) -> list[str]:
     header = [
         "run",
         "group",
         "seed",
         "last step",
-        "samples to 70%",
-        "tasks to 70%",
-        "samples to 90%",
-        "tasks to 90%",
-        "final val success",
-        "base-policy improvement",
-        "mean step time (s)",
+        *_METRIC_COLUMNS,
     ]
     rows = []
     for run in runs:
@@ -187,13 +193,7 @@ def group_table(groups: dict[str, list[runs_lib.Run]]) -> list[str]:
     header = [
         "group",
         "seeds",
-        "samples to 70%",
-        "tasks to 70%",
-        "samples to 90%",
-        "tasks to 90%",
-        "final val success",
-        "base-policy improvement",
-        "mean step time (s)",
+        *_METRIC_COLUMNS,
     ]
     rows = []
     for group, runs in sorted(groups.items()):
