@@ -1,9 +1,10 @@
 """The `<previous_attempts>` block of feedback-guided DAPO.
 
 From rollout index `start_rollout` on, a group's prompt carries the critiques of
-the group's earlier failed rollouts. The block goes into the system turn, which
-the policy reads and the user simulator never sees, and it is never trained on
-(the system turn carries no loss).
+the group's earlier failed rollouts. The block is a system turn of its own after the
+instructions and tool schemas (ctu.prompts.task_messages), which the policy reads
+and the user simulator never sees, and it is never trained on (system turns carry
+no loss).
 
 Lengths are counted in tokens with the caller's tokenizer; when the block would
 exceed `max_feedback_tokens` the oldest attempts are dropped first, and a single

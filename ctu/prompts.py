@@ -1,10 +1,11 @@
 """The agent's system prompt and the messages of a task.
 
 The tools are not described here: the chat template renders `TOOL_SCHEMAS` into the
-system turn (ctu/text/chat_template.py). Feedback-guided rollouts append a
-`<previous_attempts>` block (ctu/feedback_guidance.py) to the system prompt; the
-system turn is read by the policy only, never by the user simulator, and carries no
-loss.
+system turn (ctu/text/chat_template.py). Feedback-guided rollouts carry a
+`<previous_attempts>` block (ctu/feedback_guidance.py) in a second system turn, after
+the tool schemas, so every prompt of a batch shares the whole first system turn (the
+update runs it once: ctu.models.shared_prefix). System turns are read by the policy
+only, never by the user simulator, and carry no loss.
 """
 
 from __future__ import annotations
@@ -27,21 +28,18 @@ question) saying what was done, with any reference numbers. It ends the conversa
 Call tools only in the <tool_call> format below."""
 
 
-def system_prompt(feedback_block: str = "", *, base: str = SYSTEM_PROMPT) -> str:
-    """The system prompt, with the `<previous_attempts>` block appended when given.
-
-    `base` replaces the default instructions (e.g. a prompt found by GEPA).
-    """
+def system_prompt(*, base: str = SYSTEM_PROMPT) -> str:
+    """The agent's instructions; `base` replaces the default (e.g. a prompt found by GEPA)."""
     if not base.strip():
         raise ValueError("the system prompt is empty; pass the agent's instructions as base")
-    block = feedback_block.strip()
-    return f"{base.rstrip()}\n\n{block}" if block else base
+    return base
 
 
 def task_messages(opening_message: str, feedback_block: str = "", *, base: str = SYSTEM_PROMPT):
-    """The chat messages a task starts with: the system turn and the user's opening
-    message (`Environment.reset`'s observation)."""
-    return [
-        {"role": "system", "content": system_prompt(feedback_block, base=base)},
-        {"role": "user", "content": opening_message},
-    ]
+    """The chat messages a task starts with: the system turn, the `<previous_attempts>`
+    block as a second system turn when given, and the user's opening message
+    (`Environment.reset`'s observation)."""
+    messages = [{"role": "system", "content": system_prompt(base=base)}]
+    if feedback_block.strip():
+        messages.append({"role": "system", "content": feedback_block.strip()})
+    return messages + [{"role": "user", "content": opening_message}]

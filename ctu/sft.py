@@ -6,7 +6,7 @@ fields from the department-type prior and learns routing from the phone, so RL
 still has the per-company requirements and the routing to learn.
 
 Some demonstrations read a `<previous_attempts>` block and act on it: after a
-failed first attempt, a second attempt's system prompt carries the first's
+failed first attempt, a second attempt's prompt carries the first's
 critique, and the heuristic follows what it says (the fields to add or drop,
 the department to reach first, the right department).
 
@@ -81,7 +81,7 @@ class Demonstration:
     loss_mask: tuple[int, ...]
     score: float
     with_feedback: bool
-    context_start: int  # first token after the system turn: the user's request on
+    context_start: int  # first token after the system turns: the user's request on
 
 
 # ---- demonstrations ---------------------------------------------------------------
@@ -106,12 +106,12 @@ def record_episode(
 ) -> tuple[ConversationBuilder, dict]:
     """Plays one episode with a scripted policy; returns its conversation and final info.
 
-    `feedback` is the critique text the policy reads before it starts (it is also
-    in `system`, where the model will read it)."""
+    `feedback` is the `<previous_attempts>` block the policy reads before it starts;
+    the model reads it in a system turn of its own after `system`."""
     builder = ConversationBuilder(tokenizer, tools.TOOL_SCHEMAS)
     observation = env.reset(task_id)
     policy.reset(task_id, observation, feedback)
-    builder.start(system, observation)
+    builder.start(system, observation, feedback=feedback)
     while True:
         action = policy.act(observation)
         text = assistant_completion(tokenizer, action_message(action), tools.TOOL_SCHEMAS)
@@ -127,15 +127,13 @@ def record_episode(
 
 
 def _demo(task_id, builder, info, with_feedback) -> Demonstration:
-    tokens = builder.tokens()
-    context_start = tokens.index(builder.end_of_turn_id) + 1
     return Demonstration(
         task_id,
-        tuple(tokens),
+        tuple(builder.tokens()),
         tuple(builder.loss_mask()),
         info["score"],
         with_feedback,
-        context_start,
+        builder.system_end,
     )
 
 
@@ -151,7 +149,7 @@ def heuristic_demonstrations(
     """Heuristic episodes on `tasks`, plus feedback-reading second attempts.
 
     A failed first attempt is followed, for a `feedback_demo_fraction` of tasks,
-    by a second attempt whose system prompt carries the first's critique in a
+    by a second attempt whose prompt carries the first's critique in a
     `<previous_attempts>` block, which the heuristic reads and acts on
     (`agents.FeedbackHints`); it is kept only when it scores higher. Episodes
     longer than `max_len` tokens are left out.
@@ -182,7 +180,7 @@ def heuristic_demonstrations(
                 agents.Heuristic(),
                 task.task_id,
                 tokenizer,
-                system=prompts.system_prompt(block),
+                system=prompts.system_prompt(),
                 feedback=block,
             )
             if info2["score"] > info["score"]:

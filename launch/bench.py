@@ -1,7 +1,7 @@
 r"""Benchmarks: `python -m launch.bench NAME --out=FILE.json`.
 
-NAME is one of the modules in ctu/bench (env, sampler, train_step). Each writes
-its figures as JSON to --out and prints them.
+NAME is one of the modules in ctu/bench (env, feedback_update, sampler, train_step).
+Each writes its figures as JSON to --out and prints them.
 """
 
 import importlib
@@ -9,7 +9,7 @@ import json
 
 from absl import app, flags
 
-BENCHMARKS = ("env", "sampler", "train_step")
+BENCHMARKS = ("env", "feedback_update", "sampler", "train_step")
 
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.", required=True)
 

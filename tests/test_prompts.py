@@ -25,22 +25,44 @@ def test_prompt_states_the_procedure_and_the_rules():
     assert prompts.system_prompt() == text
 
 
-def test_feedback_block_is_appended_to_the_system_prompt_only():
+def test_feedback_block_is_a_second_system_message():
     block = fg.render_previous_attempts(
         [fg.Attempt(1, 0.3, "Billing also needs last_4_ssn.")],
         mode="all",
         max_tokens=200,
         count_tokens=lambda s: len(s.split()),
     )
-    guided = prompts.system_prompt(block)
-    assert guided.startswith(prompts.SYSTEM_PROMPT) and guided.endswith(fg.CLOSE_TAG)
-    assert prompts.system_prompt("") == prompts.system_prompt("  \n") == prompts.SYSTEM_PROMPT
-    messages = prompts.task_messages("Hi, please call Acme for me.", block)
-    assert [m["role"] for m in messages] == ["system", "user"]
-    assert fg.OPEN_TAG in messages[0]["content"] and fg.OPEN_TAG not in messages[1]["content"]
-    assert prompts.system_prompt(block, base="Custom.") == "Custom.\n\n" + block
+    opening = "Hi, please call Acme for me."
+    messages = prompts.task_messages(opening, block)
+    assert [m["role"] for m in messages] == ["system", "system", "user"]
+    assert messages[0]["content"] == prompts.SYSTEM_PROMPT
+    assert messages[1]["content"] == block and messages[2]["content"] == opening
+    for blank in ("", "  \n"):
+        assert prompts.task_messages(opening, blank) == [messages[0], messages[2]]
+    assert prompts.task_messages(opening, base="Custom.")[0]["content"] == "Custom."
     with pytest.raises(ValueError, match="empty"):
         prompts.system_prompt(base=" ")
+
+
+def test_critique_turn_comes_after_the_whole_plain_system_turn():
+    """Guided and plain prompts share the system turn with the tools, token for token."""
+    tokenizer = toys.tiny_tokenizer()
+    block = "<previous_attempts>\nAttempt 1 (score 0.3): Billing needs phone.\n</previous_attempts>"
+    plain = ConversationBuilder(tokenizer, tools.TOOL_SCHEMAS)
+    plain_ids = plain.start(prompts.system_prompt(), "Hi.")
+    guided = ConversationBuilder(tokenizer, tools.TOOL_SCHEMAS)
+    guided_ids = guided.start(prompts.system_prompt(), "Hi.", feedback=block)
+    assert guided_ids[: plain.system_end] == plain_ids[: plain.system_end]
+    assert guided_ids[guided.system_end :] == plain_ids[plain.system_end :]
+    critique = tokenizer.decode(guided_ids[plain.system_end : guided.system_end])
+    assert critique.strip() == f"<|im_start|>system\n{block}<|im_end|>"
+    rendered = tokenizer.apply_chat_template(
+        prompts.task_messages("Hi.", block),
+        tools=tools.TOOL_SCHEMAS,
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert tokenizer.decode(guided_ids) == rendered
 
 
 def test_chat_template_renders_the_tools_after_the_prompt():

@@ -144,6 +144,11 @@ def test_original_prompt_variant_has_the_same_continuation(tokenizer, world, tas
             assert not record.original_loss_mask[:q].any()
             original_prompt = tokenizer.decode(record.original_tokens[:q].tolist())
             assert plain in original_prompt and fg.OPEN_TAG not in original_prompt
+            # The critique is a system turn of its own after the tools: the guided
+            # prompt starts with the whole plain system turn.
+            system_turn = original_prompt[: original_prompt.index("<|im_start|>user")]
+            guided_prompt = tokenizer.decode(record.tokens[:p].tolist())
+            assert guided_prompt.startswith(system_turn + "<|im_start|>system\n" + fg.OPEN_TAG)
 
 
 def test_mix_half_gives_feedback_to_half_the_groups(tokenizer, world, task_ids):

@@ -172,5 +172,5 @@ def test_settings_are_validated():
         RunnerSettings(max_total_tokens=4)
     with pytest.raises(ValueError, match="rollouts are numbered"):
         EpisodeSpec("t", "s", rollout=0)
-    with pytest.raises(ValueError, match="feedback_block"):
-        EpisodeSpec("t", "s", feedback_block="<previous_attempts>x</previous_attempts>")
+    with pytest.raises(ValueError, match="feedback_block is blank"):
+        EpisodeSpec("t", "s", feedback_block=" \n")

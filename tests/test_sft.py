@@ -112,17 +112,23 @@ def test_pad_batch_pads_rows_and_length_with_masked_padding():
         assert (batch["tokens"][row, len(demo.tokens) :] == 7).all()
 
 
-def test_context_mask_is_the_environment_after_the_system_turn(demos_and_tokenizer):
+def test_context_mask_is_the_environment_after_the_system_turns(demos_and_tokenizer):
     demos, tokenizer = demos_and_tokenizer
     eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    batch = sft.pad_batch(demos[:4], max(len(d.tokens) for d in demos[:4]) + 5, pad_id=0)
-    for row, demo in enumerate(demos[:4]):
+    plain = [d for d in demos if not d.with_feedback]
+    chosen = plain[:2] + [d for d in demos if d.with_feedback][:2]
+    assert len(chosen) == 4
+    batch = sft.pad_batch(chosen, max(len(d.tokens) for d in chosen) + 5, pad_id=0)
+    for row, demo in enumerate(chosen):
         context, agent = batch["context_mask"][row], batch["loss_mask"][row]
         assert not (context * agent).any()  # never an agent token
         assert not context[len(demo.tokens) :].any()  # never padding
-        # Nothing of the system turn (instructions, tools, critique) is context...
+        # Nothing of the system turns (instructions, tools, critique) is context...
         assert demo.tokens[demo.context_start - 1] == eot
-        assert eot not in demo.tokens[: demo.context_start - 1]
+        system = tokenizer.decode(list(demo.tokens[: demo.context_start]))
+        assert system.count("<|im_start|>system") == 1 + demo.with_feedback
+        assert "<|im_start|>user" not in system
+        assert (fg.OPEN_TAG in system) == demo.with_feedback
         assert not context[: demo.context_start].any()
         # ...and every other non-agent token is: the user's words and the tool results.
         rest = np.arange(demo.context_start, len(demo.tokens))

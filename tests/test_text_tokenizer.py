@@ -221,9 +221,19 @@ def test_chat_template_without_tools_or_system(tokenizer):
 def test_chat_template_rejects_bad_roles(tokenizer):
     with pytest.raises(Exception, match="unknown message role"):
         tokenizer.apply_chat_template([{"role": "robot", "content": "x"}], tokenize=False)
-    late_system = [{"role": "user", "content": "x"}, {"role": "system", "content": "y"}]
-    with pytest.raises(Exception, match="only allowed as the first"):
-        tokenizer.apply_chat_template(late_system, tokenize=False)
+
+
+def test_chat_template_renders_a_later_system_message_as_its_own_turn(tokenizer):
+    """As Qwen2.5's template does: the tools stay in the first system turn."""
+    messages = [
+        {"role": "system", "content": "S"},
+        {"role": "system", "content": "critique"},
+        {"role": "user", "content": "x"},
+    ]
+    rendered = tokenizer.apply_chat_template(messages, tools=TOOLS, tokenize=False)
+    plain = tokenizer.apply_chat_template([messages[0], messages[2]], tools=TOOLS, tokenize=False)
+    head, user = plain.split("<|im_start|>user\n")
+    assert rendered == head + "<|im_start|>system\ncritique<|im_end|>\n<|im_start|>user\n" + user
 
 
 def test_rendered_tool_calls_parse_back(tokenizer):

@@ -10,7 +10,7 @@ does) and the sampler key `fold_in(rng, t)`.
 
 Modes (SPEC, Evaluation):
 - "cold": one episode per task and trial, plain system prompt.
-- "feedback": the cold episode; every task that failed gets a retry whose system prompt
+- "feedback": the cold episode; every task that failed gets a retry whose prompt
   carries the critique of that failure (`<previous_attempts>`, last-attempt mode). The
   with-feedback outcome of a task is the retry's when there was one, else the first's.
 """
@@ -109,8 +109,7 @@ def run_model_episodes(
             retry_specs.append(
                 EpisodeSpec(
                     record.task_id,
-                    prompts.system_prompt(block, base=base_prompt),
-                    original_system_prompt=base_prompt if block else None,
+                    prompts.system_prompt(base=base_prompt),
                     group=record.group,
                     rollout=2,
                     env_seed=seed + trial,

@@ -1,6 +1,6 @@
 """Groups of n rollouts per task, feedback-guided, generated in waves across all groups.
 
-Feedback-guided DAPO (SPEC): from rollout `start_rollout` on, a group's system prompt
+Feedback-guided DAPO (SPEC): from rollout `start_rollout` on, a group's prompt
 carries a `<previous_attempts>` block with the critiques of the group's earlier failed
 rollouts. Rollouts that depend on earlier ones cannot be sampled in the same batch as
 them, so a round of groups is generated in waves, each wave one `run_episodes` call
@@ -187,8 +187,7 @@ def run_groups(
                 specs.append(
                     EpisodeSpec(
                         task_id=task_id,
-                        system_prompt=prompts.system_prompt(block, base=base_prompt),
-                        original_system_prompt=base_prompt if block else None,
+                        system_prompt=prompts.system_prompt(base=base_prompt),
                         group=g,
                         rollout=k,
                         env_seed=settings.seed,

@@ -50,18 +50,16 @@ class EpisodeSpec:
 
     Attributes:
       task_id: the world task.
-      system_prompt: the system prompt it is sampled with (with the feedback block, if any).
-      original_system_prompt: for a feedback-guided rollout, the plain system prompt: the
-        record then also holds the same continuation under it (`original_tokens`).
-        None: not feedback-guided, the original variant is the rollout itself.
+      system_prompt: the agent's instructions (the first system turn).
       group, rollout: the group's index in the batch and the 1-based position in it.
       env_seed: the environment's seed (the user simulator's wording and choices).
-      feedback_block: the `<previous_attempts>` block in the system prompt ("" if none).
+      feedback_block: the `<previous_attempts>` block, sampled with as a second system
+        turn ("" if none). A feedback-guided record also holds the same continuation
+        under the plain prompt (`original_tokens`).
     """
 
     task_id: str
     system_prompt: str
-    original_system_prompt: str | None = None
     group: int = 0
     rollout: int = 1
     env_seed: int = 0
@@ -70,8 +68,8 @@ class EpisodeSpec:
     def __post_init__(self):
         if self.rollout < 1:
             raise ValueError(f"rollout={self.rollout}: rollouts are numbered from 1.")
-        if self.feedback_block and self.feedback_block not in self.system_prompt:
-            raise ValueError("feedback_block must be part of system_prompt.")
+        if self.feedback_block and not self.feedback_block.strip():
+            raise ValueError('feedback_block is blank; pass "" for a prompt without one.')
 
 
 @dataclasses.dataclass(frozen=True)

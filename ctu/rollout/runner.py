@@ -178,12 +178,12 @@ def _start_row(
     opening = env.reset(spec.task_id)
     env_s = time.perf_counter() - t0
     conv = ConversationBuilder(tokenizer, tools.TOOL_SCHEMAS)
-    prompt = conv.start(spec.system_prompt, opening)
+    prompt = conv.start(spec.system_prompt, opening, feedback=spec.feedback_block or None)
     original = None
     original_length = len(prompt)
-    if spec.original_system_prompt is not None:
+    if spec.feedback_block:
         original = ConversationBuilder(tokenizer, tools.TOOL_SCHEMAS)
-        original_length = len(original.start(spec.original_system_prompt, opening))
+        original_length = len(original.start(spec.system_prompt, opening))
     return _Row(
         spec=spec,
         env=env,

@@ -38,6 +38,9 @@ Decisions:
   Qwen2.5; consecutive tool messages (results of one assistant turn with several calls)
   share one user turn, one block each, in call order.
 - Without tools the system turn is the system prompt alone; with neither, no system turn.
+- A system message after the first is a system turn of its own where it stands, as in
+  Qwen2.5's template. ctu puts the `<previous_attempts>` block there, after the tool
+  schemas, so prompts with and without a critique share the whole first system turn.
 - `arguments` may be a dict (rendered with `tojson`) or an already-encoded JSON string
   (rendered verbatim), so OpenAI-style messages render as they were sent.
 - The policy's part of an assistant turn is everything after the generation prompt
@@ -100,7 +103,7 @@ CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if message.role == 'system' %}"
     "{%- if not loop.first %}"
-    "{{- raise_exception('a system message is only allowed as the first message') }}"
+    "{{- '<|im_start|>system\\n' + message.content + '<|im_end|>\\n' }}"
     "{%- endif %}"
     "{%- elif message.role == 'user' %}"
     "{{- '<|im_start|>user\\n' + message.content + '<|im_end|>\\n' }}"

@@ -58,6 +58,7 @@ class ConversationBuilder:
 
     >>> conv = ConversationBuilder(tokenizer, tools)
     >>> prompt_ids = conv.start(system_prompt, user_request)   # feed to the sampler
+    >>> # (start(..., feedback=block) adds a <previous_attempts> system turn)
     >>> conv.append_assistant(sampled_ids)                     # mask 1, ids verbatim
     >>> next_ids = conv.append_tool(result_text)               # feed, then sample again
     >>> conv.tokens(), conv.loss_mask()
@@ -86,6 +87,7 @@ class ConversationBuilder:
         self._end_of_turn_id = end_ids[0]
         self._system: list[dict] = []
         self._context_prefix = ""
+        self._system_end = 0
         self._ids: list[int] = []
         self._mask: list[int] = []
         self._expect = "start"
@@ -105,20 +107,35 @@ class ConversationBuilder:
         self._ids.extend(ids)
         self._mask.extend([mask_value] * len(ids))
 
-    def start(self, system: str | None, user: str) -> list[int]:
-        """The prompt ids: system turn (with the tools), the user's message and the
-        generation prompt. Mask 0."""
+    def start(self, system: str | None, user: str, *, feedback: str | None = None) -> list[int]:
+        """The prompt ids: system turn (with the tools), the `feedback` text (a
+        `<previous_attempts>` block) as a second system turn when given, the user's
+        message and the generation prompt. Mask 0."""
         self._check_turn("start", "start")
+        if feedback and not system:
+            raise ValueError("a feedback turn needs a system prompt before it.")
         self._system = [{"role": "system", "content": system}] if system else []
+        if feedback:
+            self._system.append({"role": "system", "content": feedback})
         messages = self._system + [{"role": "user", "content": user}]
         ids = _encode(self._tokenizer, _render(self._tokenizer, messages, self._tools, True))
         context = _render(self._tokenizer, self._system + _CONTEXT, self._tools, False)
         if self._end_of_turn not in context:
             raise ValueError(f"the chat template never renders {self._end_of_turn!r}.")
         self._context_prefix = context[: context.rindex(self._end_of_turn) + len(self._end_of_turn)]
+        # The template gives the tool schemas a system turn even without a system prompt.
+        system_turns = max(len(self._system), 1 if self._tools else 0)
+        ends = [i for i, t in enumerate(ids) if t == self._end_of_turn_id]
+        self._system_end = ends[system_turns - 1] + 1 if system_turns else 0
         self._extend(ids, 0)
         self._expect = "assistant"
         return ids
+
+    @property
+    def system_end(self) -> int:
+        """Where the system turns end: the index just past their last end-of-turn token
+        (0 without a system turn). The user's opening message starts after it."""
+        return self._system_end
 
     def append_assistant(self, sampled_ids: Sequence[int]) -> None:
         """The policy's sampled ids, verbatim (including the `<|im_end|>` it sampled). Mask 1."""
