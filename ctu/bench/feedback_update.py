@@ -15,10 +15,11 @@ Each layout is one batch shaped like a default feedback_dapo step: `GROUPS` task
 its critique. Every row is a real heuristic episode on the shipped world in the world
 tokenizer's ids, trained with the default run's settings (`configs/feedback_dapo.py`:
 DAPO, two mini-batches, behaviour log-probs recomputed). The two critique layouts hold
-the same episodes; the baseline's are the heuristic's plain attempts. The timed quantity is one `Learner.update` (forwards
-for the log-probs, the two optimizer steps); compilation is excluded and the rounds of
-the three layouts alternate, the best round of each counting. The JSON holds the
-shared prefix of each batch and the ratios to the baseline.
+the same episodes; the baseline's are the heuristic's plain attempts. The timed
+quantity is one `Learner.update` (forwards for the log-probs, the two optimizer
+steps); compilation is excluded and the rounds of the three layouts alternate, the
+best round of each counting. The JSON holds the shared prefix of each batch and the
+ratios to the baseline.
 """
 
 from __future__ import annotations
