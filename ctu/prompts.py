@@ -40,6 +40,6 @@ def task_messages(opening_message: str, feedback_block: str = "", *, base: str =
     block as a second system turn when given, and the user's opening message
     (`Environment.reset`'s observation)."""
     messages = [{"role": "system", "content": system_prompt(base=base)}]
-    if feedback_block.strip():
-        messages.append({"role": "system", "content": feedback_block.strip()})
+    if feedback_block.strip():  # as ConversationBuilder.start renders it
+        messages.append({"role": "system", "content": feedback_block})
     return messages + [{"role": "user", "content": opening_message}]

@@ -56,13 +56,18 @@ def test_critique_turn_comes_after_the_whole_plain_system_turn():
     assert guided_ids[guided.system_end :] == plain_ids[plain.system_end :]
     critique = tokenizer.decode(guided_ids[plain.system_end : guided.system_end])
     assert critique.strip() == f"<|im_start|>system\n{block}<|im_end|>"
-    rendered = tokenizer.apply_chat_template(
-        prompts.task_messages("Hi.", block),
-        tools=tools.TOOL_SCHEMAS,
-        tokenize=False,
-        add_generation_prompt=True,
-    )
-    assert tokenizer.decode(guided_ids) == rendered
+    # The builder and the message list render the same prompt, blank blocks included.
+    for feedback in (block, f"\n{block}\n", " \n", ""):
+        conv = ConversationBuilder(tokenizer, tools.TOOL_SCHEMAS)
+        ids = conv.start(prompts.system_prompt(), "Hi.", feedback=feedback)
+        rendered = tokenizer.apply_chat_template(
+            prompts.task_messages("Hi.", feedback),
+            tools=tools.TOOL_SCHEMAS,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        assert tokenizer.decode(ids) == rendered
+        assert (ids == plain_ids) == (not feedback.strip())
 
 
 def test_chat_template_renders_the_tools_after_the_prompt():

@@ -112,6 +112,7 @@ class ConversationBuilder:
         `<previous_attempts>` block) as a second system turn when given, the user's
         message and the generation prompt. Mask 0."""
         self._check_turn("start", "start")
+        feedback = feedback if feedback and feedback.strip() else None
         if feedback and not system:
             raise ValueError("a feedback turn needs a system prompt before it.")
         self._system = [{"role": "system", "content": system}] if system else []
