@@ -50,7 +50,8 @@ class ShardingRules:
     act_btnh: AxisNames = (BATCH_AXES, None, "tensor", None)
     act_btf: AxisNames = (BATCH_AXES, None, "tensor")
     act_btv: AxisNames = (BATCH_AXES, None, "tensor")
-    cache_lbskh: AxisNames = (None, BATCH_AXES, None, "tensor", None)
+    # A KV cache layer: keys [b, k, h, s], values [b, k, s, h].
+    kv_cache: AxisNames = (BATCH_AXES, "tensor", None, None)
 
 
 DEFAULT_RULES = ShardingRules()
@@ -121,11 +122,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def kv_cache_sharding(
-    mesh: Mesh, shape: tuple[int, ...], rules: ShardingRules = DEFAULT_RULES
-) -> NamedSharding:
-    """Sharding of a KVCache's k or v `[layers, batch, slots, kv_heads, head_dim]`."""
-    return NamedSharding(mesh, fit_spec(rules.cache_lbskh, tuple(shape), mesh.shape))
+def kv_cache_shardings(mesh: Mesh, cache, rules: ShardingRules = DEFAULT_RULES):
+    """NamedShardings for a KVCache (abstract or concrete), one per layer's k and v.
+
+    Every layer array is `[batch, kv_heads, ., .]` (ctu/models/cache.py): rows over the
+    batch axes, kv heads over "tensor", slots and head_dim whole.
+    """
+    return jax.tree.map(
+        lambda x: NamedSharding(mesh, fit_spec(rules.kv_cache, tuple(x.shape), mesh.shape)),
+        cache,
+    )
 
 
 def state_shardings(tree, mesh: Mesh):

@@ -144,9 +144,23 @@ class KVCacheTest(chex.TestCase):
 
     def test_init_shape(self):
         cache = KVCache.init(self.config, batch=3, max_len=20, dtype=jnp.bfloat16)
-        chex.assert_shape(cache.k, (2, 3, 20, 2, 32))
-        chex.assert_type(cache.v, jnp.bfloat16)
-        self.assertLen(jax.tree.leaves(cache), 2)
+        self.assertEqual((cache.num_layers, cache.batch, cache.max_len), (2, 3, 20))
+        chex.assert_shape(cache.k, (3, 2, 32, 20))  # keys [B, K, H, S]
+        chex.assert_shape(cache.v, (3, 2, 20, 32))  # values [B, K, S, H]
+        chex.assert_type(jax.tree.leaves(cache), jnp.bfloat16)
+        self.assertLen(jax.tree.leaves(cache), 4)
+
+    def test_window_keeps_the_first_slots_of_keys_and_values(self):
+        cache = KVCache.init(self.config, batch=2, max_len=8)
+        tokens = jnp.asarray(self.rng.integers(1, 128, (2, 8)), jnp.int32)
+        positions = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
+        _, cache = self._step()(self.model, tokens, positions, cache)
+        window = cache.window(5)
+        self.assertEqual(window.max_len, 5)
+        for full, part in zip(cache.k, window.k, strict=True):
+            np.testing.assert_array_equal(part, full[..., :5])
+        for full, part in zip(cache.v, window.v, strict=True):
+            np.testing.assert_array_equal(part, full[:, :, :5])
 
     def test_ragged_prefill_decode_and_continuation(self):
         """Right-padded ragged prefill, token-by-token decode, then a ragged chunk."""
@@ -197,7 +211,7 @@ class KVCacheTest(chex.TestCase):
         tokens = jnp.ones((2, 3), jnp.int32)
         positions = jnp.asarray([[0, 1, 2], [4, 5, -1]], jnp.int32)
         _, cache = self._step()(self.model, tokens, positions, cache)
-        written = np.abs(np.asarray(cache.k)).sum(axis=(0, 3, 4))  # [B, S]
+        written = sum(np.abs(np.asarray(k)).sum(axis=(1, 2)) for k in cache.k)  # [B, S]
         np.testing.assert_array_equal(written[0] > 0, [True, True, True, False])
         np.testing.assert_array_equal(written[1], 0)
 

@@ -203,7 +203,7 @@ class SamplerTest(chex.TestCase):
             np.testing.assert_array_equal(single.tokens, sharded.tokens)
             np.testing.assert_allclose(single.logprobs, sharded.logprobs, atol=1e-4)
             self.assertEqual(single.stop_reasons, sharded.stop_reasons)
-        self.assertLen(session._cache.k.sharding.device_set, 8)
+        self.assertLen(session._cache.k[0].sharding.device_set, 8)
 
     def test_user_errors(self):
         session = self._session(SAMPLED, batch_size=2)

@@ -119,8 +119,9 @@ class ShardedModelTest(chex.TestCase):
 
     def test_sharded_cache_prefill_and_chunk_equal_forward(self):
         cache = KVCache.init(self.config, batch=4, max_len=32)
-        cache = jax.device_put(cache, sharding.kv_cache_sharding(self.mesh, cache.k.shape))
-        self.assertEqual(cache.k.sharding.spec, P(None, ("data", "fsdp"), None, "tensor", None))
+        cache = jax.device_put(cache, sharding.kv_cache_shardings(self.mesh, cache))
+        for layer in jax.tree.leaves(cache):
+            self.assertEqual(layer.sharding.spec, P(("data", "fsdp"), "tensor", None, None))
         positions = jnp.broadcast_to(jnp.arange(16), (4, 16))
         with jax.set_mesh(self.mesh):
             first, cache = forward_cached(self.model, self.tokens[:, :10], positions[:, :10], cache)

@@ -11,7 +11,16 @@ from ctu.models.config import DTYPES, ModelConfig
 
 @struct.dataclass
 class KVCache:
-    """Keys and values, each `[num_layers, batch, max_len, num_kv_heads, head_dim]`.
+    """Keys and values, one array per layer: keys `[batch, num_kv_heads, head_dim, max_len]`,
+    values `[batch, num_kv_heads, max_len, head_dim]`.
+
+    The layout is chosen for decode (docs/architecture.md, KV-cache contract):
+    - One array per layer, not one stacked `[num_layers, ...]` array: a layer's write
+      updates its own buffer in place and its attention reads that buffer directly, with
+      no per-step copy of a layer's slice out of the stack.
+    - Heads before slots, so each (row, kv head) is one contiguous matrix; keys stored
+      transposed, so both attention matmuls, q @ K^T `[.., H] x [H, S]` and
+      p @ V `[.., S] x [S, H]`, read their cache operand as it lies.
 
     Slot `j` of row `b` holds the key/value of the token at absolute position `j`.
     A model call with a cache writes token `(b, t)` into slot `positions[b, t]`
@@ -20,30 +29,50 @@ class KVCache:
     until the caller overwrites them.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
         """An all-zero cache; `dtype` defaults to the model's compute dtype."""
         dtype = DTYPES[config.dtype] if dtype is None else dtype
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        k_shape = (batch, config.num_kv_heads, config.head_dim, max_len)
+        v_shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+        layers = range(config.num_layers)
+        return cls(
+            k=tuple(jnp.zeros(k_shape, dtype) for _ in layers),
+            v=tuple(jnp.zeros(v_shape, dtype) for _ in layers),
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k)
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.v[0].shape[2]
+
+    def window(self, slots: int) -> KVCache:
+        """The first `slots` slots of every row and layer."""
+        return KVCache(
+            k=tuple(x[..., :slots] for x in self.k), v=tuple(x[:, :, :slots] for x in self.v)
+        )
 
     def update(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array) -> KVCache:
         """Writes k/v `[B, T, K, H]` of `layer` into slots `positions` `[B, T]`."""
         # Negative positions would wrap around; send them out of range so they drop.
         slots = jnp.where(positions < 0, self.max_len, positions)
         rows = jnp.arange(self.batch)[:, None]
+
+        # Both index expressions select [B, T, K, H]: advanced indices split by slices
+        # put their broadcast shape [B, T] first.
+        new_k = self.k[layer].at[rows, :, :, slots].set(k.astype(self.k[layer].dtype), mode="drop")
+        new_v = self.v[layer].at[rows, :, slots].set(v.astype(self.v[layer].dtype), mode="drop")
         return KVCache(
-            k=self.k.at[layer, rows, slots].set(k.astype(self.k.dtype), mode="drop"),
-            v=self.v.at[layer, rows, slots].set(v.astype(self.v.dtype), mode="drop"),
+            k=(*self.k[:layer], new_k, *self.k[layer + 1 :]),
+            v=(*self.v[:layer], new_v, *self.v[layer + 1 :]),
         )

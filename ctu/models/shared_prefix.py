@@ -36,7 +36,7 @@ def shared_prefix_logits(model, tokens: jax.Array, prefix_len: int) -> jax.Array
     prefix_logits, cache = model(
         tokens[:1, :prefix_len], positions=jnp.arange(prefix_len)[None], cache=cache
     )
-    cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (x.shape[0], batch, *x.shape[2:])), cache)
+    cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch, *x.shape[1:])), cache)
     positions = jnp.broadcast_to(jnp.arange(prefix_len, length)[None], (batch, length - prefix_len))
     suffix_logits, _ = model(tokens[:, prefix_len:], positions=positions, cache=cache)
     last = jnp.broadcast_to(prefix_logits[:, -1:], (batch, 1, prefix_logits.shape[-1]))

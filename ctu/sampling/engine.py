@@ -39,7 +39,7 @@ STOP_REASON_LENGTH = 2
 @functools.partial(jax.jit, static_argnames=("window",))
 def cache_window(cache, window: int):
     """A copy of the first `window` slots of every row of `cache`."""
-    return jax.tree.map(lambda x: x[:, :, :window], cache)
+    return cache.window(window)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -136,7 +136,7 @@ def decode_step(
 
     Args:
       graphdef, state: the model, split with `nnx.split`.
-      cache: the `KVCache` (donated); `cache.k.shape[2]` is the slot capacity.
+      cache: the `KVCache` (donated); `cache.max_len` is the slot capacity.
       first_tokens, first_logprobs: `[batch]`, from `append_step`.
       lengths: int32 `[batch]`, slots filled per row after the append.
       active: bool `[batch]`, rows that sample in this call.
@@ -152,7 +152,7 @@ def decode_step(
     """
     TRACE_COUNTS["decode_step"] += 1
     chex.assert_rank([first_tokens, first_logprobs, lengths, active, limits], 1)
-    batch, capacity, budget = first_tokens.shape[0], cache.k.shape[2], config.max_new_tokens
+    batch, capacity, budget = first_tokens.shape[0], cache.max_len, config.max_new_tokens
     model = nnx.merge(graphdef, state)
 
     def can_continue(running, num_tokens, lengths):

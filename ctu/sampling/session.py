@@ -34,7 +34,7 @@ from ctu.models import KVCache
 from ctu.sampling import engine
 from ctu.sampling.buckets import append_bucket, batch_bucket, next_power_of_two
 from ctu.sampling.settings import SamplingConfig
-from ctu.sharding import BATCH_AXES, fit_spec, kv_cache_sharding
+from ctu.sharding import BATCH_AXES, fit_spec, kv_cache_shardings
 
 STOP = "stop"
 LENGTH = "length"
@@ -128,10 +128,9 @@ class Session:
         if mesh is None:
             self._cache = init_cache()
         else:
-            shape = jax.eval_shape(init_cache).k.shape
-            sharding = kv_cache_sharding(mesh, shape)
+            shardings = kv_cache_shardings(mesh, jax.eval_shape(init_cache))
             # Born sharded: a large cache never sits whole on one device.
-            self._cache = jax.jit(init_cache, out_shardings=KVCache(k=sharding, v=sharding))()
+            self._cache = jax.jit(init_cache, out_shardings=shardings)()
         self._lengths = np.zeros(self._rows, np.int32)
         self._pending: list[int | None] = [None] * self._rows
         self._history: list[list[int]] = [[] for _ in range(batch_size)]
