@@ -23,16 +23,22 @@ def _param(rngs: nnx.Rngs, shape, names: AxisNames, dtype, init=_init_weight) ->
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding in the "rotate half" layout of Hugging Face Qwen.
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """(sin, cos) `[B, T, 1, H/2]` of the rotary angles at absolute `positions` `[B, T]`.
 
-    x: [B, T, heads, H]; positions: [B, T] absolute positions.
+    Computed once per model call and shared by every layer's queries and keys.
     """
-    head_dim = x.shape[-1]
     inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-    sin = jnp.sin(angles)[:, :, None, :]
-    cos = jnp.cos(angles)[:, :, None, :]
+    return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotary embedding in the "rotate half" layout of Hugging Face Qwen.
+
+    x: [B, T, heads, H]; rope: `rope_tables` of the tokens' positions.
+    """
+    sin, cos = rope
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
@@ -107,7 +113,6 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(h, rules.norm_h, config, rngs=rngs)
         else:
             self.q_norm = self.k_norm = None
-        self.rope_theta = config.rope_theta
         self.dtype = config.jnp_dtype
         self.rules = rules
 
@@ -123,6 +128,7 @@ class Attention(nnx.Module):
         self,
         x: jax.Array,
         positions: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
         mask: jax.Array,
         cache: KVCache | None,
         layer: int,
@@ -130,8 +136,8 @@ class Attention(nnx.Module):
         q = self._project(x, self.q_proj, self.q_bias, self.q_norm)
         k = self._project(x, self.k_proj, self.k_bias, self.k_norm)
         v = self._project(x, self.v_proj, self.v_bias, None)
-        q = shard(apply_rope(q, positions, self.rope_theta), self.rules.act_btnh)
-        k = shard(apply_rope(k, positions, self.rope_theta), self.rules.act_btnh)
+        q = shard(apply_rope(q, rope), self.rules.act_btnh)
+        k = shard(apply_rope(k, rope), self.rules.act_btnh)
         v = shard(v, self.rules.act_btnh)
         if cache is None:
             out = attend(q, k, v, mask)
@@ -171,8 +177,8 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rules, rngs=rngs)
         self.rules = rules
 
-    def __call__(self, x, positions, mask, cache, layer):
-        attn_out, cache = self.attn(self.input_norm(x), positions, mask, cache, layer)
+    def __call__(self, x, positions, rope, mask, cache, layer):
+        attn_out, cache = self.attn(self.input_norm(x), positions, rope, mask, cache, layer)
         x = shard(x + attn_out, self.rules.act_btd)
         x = shard(x + self.mlp(self.post_attn_norm(x)), self.rules.act_btd)
         return x, cache
@@ -223,8 +229,9 @@ class Qwen(nnx.Module):
         table = shard(self.embed[...], self.rules.embed_lookup_vd)
         x = jnp.take(table, tokens, axis=0).astype(dtype)
         x = shard(x, self.rules.act_btd)
+        rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         for layer, block in enumerate(self.layers):
-            x, cache = block(x, positions, mask, cache, layer)
+            x, cache = block(x, positions, rope, mask, cache, layer)
         x = self.final_norm(x)
 
         if self.lm_head is None:
