@@ -261,35 +261,60 @@ def sft_loss(
     return loss, metrics
 
 
-@functools.partial(nnx.jit, static_argnames=("prefix_len", "context_weight"))
-def sft_step(
-    optimizer: nnx.Optimizer,
-    model: nnx.Module,
-    batch: dict[str, jax.Array],
-    prefix_len: int = 0,
-    context_weight: float = 0.0,
-):
-    loss_fn = functools.partial(sft_loss, context_weight=context_weight, prefix_len=prefix_len)
-    grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(
-        model, batch["tokens"], batch["loss_mask"], batch.get("context_mask")
-    )
-    metrics["sft/grad_norm"] = optax.global_norm(grads)
-    optimizer.update(model, grads)
-    return metrics
+class SftTrainer:
+    """The warm start's model, optimizer and jitted step on one mesh.
 
+    `model` must already be on `mesh`. The optimizer state is born sharded and every
+    step returns model and optimizer state with exactly the shardings they were born
+    with, so each batch shape compiles once (not again when the first step's outputs
+    come back placed differently) and the placement never drifts between steps.
+    """
 
-def make_sft_optimizer(model: nnx.Module, config: WarmStartConfig) -> nnx.Optimizer:
-    optim = OptimConfig(
-        learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        schedule="cosine",
-        decay_steps=max(config.steps, config.warmup_steps + 1),
-        final_lr_fraction=0.1,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-    )
-    return nnx.Optimizer(model, make_optimizer(optim), wrt=nnx.Param)
+    def __init__(self, model: nnx.Module, config: WarmStartConfig, mesh):
+        optim = OptimConfig(
+            learning_rate=config.learning_rate,
+            warmup_steps=config.warmup_steps,
+            schedule="cosine",
+            decay_steps=max(config.steps, config.warmup_steps + 1),
+            final_lr_fraction=0.1,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+        )
+        self.model = model
+        self.mesh = mesh
+        self.optimizer = sharding.create_sharded_optimizer(model, make_optimizer(optim), mesh)
+        self._graphdef = nnx.graphdef((model, self.optimizer))
+        self._shardings = jax.tree.map(lambda x: x.sharding, self.state())
+        self._step = jax.jit(
+            self._train_step, donate_argnums=0, static_argnames=("prefix_len", "context_weight")
+        )
+
+    def state(self) -> nnx.State:
+        return nnx.state((self.model, self.optimizer))
+
+    def _train_step(self, state, batch, *, prefix_len: int, context_weight: float):
+        model, optimizer = nnx.merge(self._graphdef, state)
+        loss_fn = functools.partial(sft_loss, context_weight=context_weight, prefix_len=prefix_len)
+        grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+        (_, metrics), grads = grad_fn(
+            model, batch["tokens"], batch["loss_mask"], batch.get("context_mask")
+        )
+        metrics["sft/grad_norm"] = optax.global_norm(grads)
+        optimizer.update(model, grads)
+        new_state = nnx.state((model, optimizer))
+        return jax.lax.with_sharding_constraint(new_state, self._shardings), metrics
+
+    def step(
+        self, batch: dict[str, np.ndarray], *, prefix_len: int = 0, context_weight: float = 0.0
+    ) -> dict[str, jax.Array]:
+        """One update on `batch` (host arrays, rows a multiple of the batch shards)."""
+        batch = jax.device_put(batch, sharding.batch_sharding(self.mesh))
+        with jax.set_mesh(self.mesh):
+            state, metrics = self._step(
+                self.state(), batch, prefix_len=prefix_len, context_weight=context_weight
+            )
+        nnx.update((self.model, self.optimizer), state)
+        return metrics
 
 
 def batches(demos: Sequence[Demonstration], batch_size: int, *, seed: int, window: int = 16):
@@ -362,8 +387,7 @@ def warm_start(
         f"warm start: {len(demos)} demonstrations ({with_feedback} acting on feedback), "
         f"mean heuristic score {np.mean([d.score for d in demos]):.3f}"
     )
-    optimizer = make_sft_optimizer(model, config)
-    placement = sharding.batch_sharding(mesh)
+    trainer = SftTrainer(model, config, mesh)
     stream = batches(demos, config.batch_size, seed=seed)
     for step in range(1, config.steps + 1):
         chunk = next(stream)
@@ -374,15 +398,11 @@ def warm_start(
             rows_multiple=sharding.batch_shards(mesh),
         )
         weighted = batch["loss_mask"] + config.context_loss_weight * batch["context_mask"]
-        prefix_len = common_prefix_length(batch["tokens"], weighted)
-        with jax.set_mesh(mesh):
-            metrics = sft_step(
-                optimizer,
-                model,
-                jax.device_put(batch, placement),
-                prefix_len=prefix_len,
-                context_weight=config.context_loss_weight,
-            )
+        metrics = trainer.step(
+            batch,
+            prefix_len=common_prefix_length(batch["tokens"], weighted),
+            context_weight=config.context_loss_weight,
+        )
         if step % 10 == 0 or step == config.steps:
             scalars = {k: float(v) for k, v in metrics.items()}
             writer.write_scalars(step, scalars)

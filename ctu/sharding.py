@@ -149,6 +149,25 @@ def state_shardings(tree, mesh: Mesh):
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def create_sharded_optimizer(model: nnx.Module, tx, mesh: Mesh, wrt=nnx.Param) -> nnx.Optimizer:
+    """An `nnx.Optimizer` for `model` (already on `mesh`) whose state is born sharded.
+
+    Every state leaf, the scalar step counts included, is placed on `mesh` as the
+    jitted update step will return it, so the step compiles once, not a second time
+    when the first update's outputs come back with mesh shardings.
+    """
+
+    @nnx.jit
+    def create(model):
+        optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+        state = nnx.state(optimizer)
+        nnx.update(optimizer, jax.lax.with_sharding_constraint(state, state_shardings(state, mesh)))
+        return optimizer
+
+    with jax.set_mesh(mesh):
+        return create(model)
+
+
 def create_sharded_model(config, mesh: Mesh, rngs: nnx.Rngs, rules: ShardingRules = DEFAULT_RULES):
     """A `ctu.models.Qwen` whose parameters are created inside jit, already sharded."""
     from ctu.models.qwen import Qwen  # models import this module; import here, not at the top

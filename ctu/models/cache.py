@@ -62,6 +62,16 @@ class KVCache:
             k=tuple(x[..., :slots] for x in self.k), v=tuple(x[:, :, :slots] for x in self.v)
         )
 
+    def grow(self, max_len: int) -> KVCache:
+        """The same cache with `max_len` slots; the new slots are zeros."""
+        extra = max_len - self.max_len
+        if extra < 0:
+            raise ValueError(f"cannot grow a cache of {self.max_len} slots to {max_len}.")
+        return KVCache(
+            k=tuple(jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra))) for x in self.k),
+            v=tuple(jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0))) for x in self.v),
+        )
+
     def update(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array) -> KVCache:
         """Writes k/v `[B, T, K, H]` of `layer` into slots `positions` `[B, T]`."""
         # Negative positions would wrap around; send them out of range so they drop.

@@ -32,10 +32,13 @@ def shared_prefix_logits(model, tokens: jax.Array, prefix_len: int) -> jax.Array
     batch, length = tokens.shape
     if not 0 < prefix_len < length:
         raise ValueError(f"prefix_len={prefix_len} must be in (0, {length}).")
-    cache = KVCache.init(model.config, batch=1, max_len=length)
+    # The prefix attends over its own slots only; the cache then grows to `length` slots
+    # (zeros, hidden by causality until the suffix writes them) and is shared by all rows.
+    cache = KVCache.init(model.config, batch=1, max_len=prefix_len)
     prefix_logits, cache = model(
         tokens[:1, :prefix_len], positions=jnp.arange(prefix_len)[None], cache=cache
     )
+    cache = cache.grow(length)
     cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch, *x.shape[1:])), cache)
     positions = jnp.broadcast_to(jnp.arange(prefix_len, length)[None], (batch, length - prefix_len))
     suffix_logits, _ = model(tokens[:, prefix_len:], positions=positions, cache=cache)

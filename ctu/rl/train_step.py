@@ -276,19 +276,10 @@ class Learner:
         self.config = config
         self.mesh = mesh
         self.model = model
-        tx = make_optimizer(config.optim)
         self._schedule = learning_rate_schedule(config.optim)
-
-        @nnx.jit
-        def create_optimizer(model):
-            optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-            state = nnx.state(optimizer)
-            shardings = sharding.state_shardings(state, mesh)
-            nnx.update(optimizer, jax.lax.with_sharding_constraint(state, shardings))
-            return optimizer
-
-        with jax.set_mesh(mesh):
-            self.optimizer = create_optimizer(model)
+        self.optimizer = sharding.create_sharded_optimizer(
+            model, make_optimizer(config.optim), mesh
+        )
         # The frozen reference is a copy of the initial policy, kept only if needed.
         self.reference: nnx.State | None = None
         if config.needs_reference:
