@@ -162,6 +162,20 @@ class KVCacheTest(chex.TestCase):
         for full, part in zip(cache.v, window.v, strict=True):
             np.testing.assert_array_equal(part, full[:, :, :5])
 
+    def test_grow_keeps_the_slots_and_adds_zeros(self):
+        cache = KVCache.init(self.config, batch=2, max_len=4)
+        tokens = jnp.asarray(self.rng.integers(1, 128, (2, 4)), jnp.int32)
+        positions = jnp.broadcast_to(jnp.arange(4, dtype=jnp.int32), (2, 4))
+        _, cache = self._step()(self.model, tokens, positions, cache)
+        grown = cache.grow(7)
+        self.assertEqual(grown.max_len, 7)
+        np.testing.assert_array_equal(grown.window(4).k, cache.k)
+        np.testing.assert_array_equal(grown.window(4).v, cache.v)
+        for k, v in zip(grown.k, grown.v, strict=True):
+            self.assertFalse(np.any(k[..., 4:]) or np.any(v[:, :, 4:]))
+        with self.assertRaisesRegex(ValueError, "grow"):
+            cache.grow(3)
+
     def test_ragged_prefill_decode_and_continuation(self):
         """Right-padded ragged prefill, token-by-token decode, then a ragged chunk."""
         prompt_lens, decode_steps, chunk_lens = [7, 3, 1], 4, [2, 5, 3]
