@@ -1,13 +1,16 @@
 r"""Benchmarks: `python -m launch.bench NAME --out=FILE.json`.
 
 NAME is one of the modules in ctu/bench (env, feedback_update, sampler, train_step).
-Each writes its figures as JSON to --out and prints them.
+Each writes its figures as JSON to --out and prints them. The XLA:CPU flags the
+training programs use (`ctu.rl.train_step.CPU_XLA_FLAGS`) apply here too.
 """
 
 import importlib
 import json
 
 from absl import app, flags
+
+from ctu.rl.train_step import add_cpu_xla_flags
 
 BENCHMARKS = ("env", "feedback_update", "sampler", "train_step")
 
@@ -19,6 +22,7 @@ def main(argv):
         raise app.UsageError(
             f"usage: python -m launch.bench {{{'|'.join(BENCHMARKS)}}} --out=FILE.json"
         )
+    add_cpu_xla_flags()  # before the benchmark opens a JAX backend
     module = importlib.import_module(f"ctu.bench.{argv[1]}")
     results = module.run(_OUT.value)
     print(json.dumps(results, indent=2))

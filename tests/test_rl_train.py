@@ -1,6 +1,7 @@
 """Tests for ctu.rl.train_step and ctu.rl.optim on the tiny Qwen (8 simulated CPU devices)."""
 
 import dataclasses
+from unittest import mock
 
 import chex
 import jax
@@ -257,6 +258,23 @@ class ConfigTest(absltest.TestCase):
         train_step.initialize_backend("cpu")  # What the tests run on: accepted.
         with self.assertRaisesRegex(ValueError, "use one of"):
             train_step.initialize_backend("cuda")
+
+    def test_cpu_xla_flags_follow_the_jaxlib_version_and_keep_the_users(self):
+        import jaxlib
+
+        flag = "--xla_cpu_experimental_ynn_fusion_type=-reduce,-eltwise"
+        with mock.patch.object(jaxlib, "__version__", "0.10.2"):
+            env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+            self.assertEqual(train_step.add_cpu_xla_flags(env), (flag,))
+            self.assertEqual(env["XLA_FLAGS"], f"--xla_force_host_platform_device_count=8 {flag}")
+            self.assertEqual(train_step.add_cpu_xla_flags(env), ())  # already there
+            mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
+            self.assertEqual(train_step.add_cpu_xla_flags(mine), ())
+            self.assertEqual(mine["XLA_FLAGS"], "--xla_cpu_experimental_ynn_fusion_type=dot")
+        with mock.patch.object(jaxlib, "__version__", "0.11.0"):
+            env = {}
+            self.assertEqual(train_step.add_cpu_xla_flags(env), ())  # not measured there
+            self.assertEqual(env, {})
 
     def test_batch_must_split_into_mini_and_micro_batches(self):
         config = train_step.TrainConfig(num_mini_batches=3, num_micro_batches=2)

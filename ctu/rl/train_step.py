@@ -33,6 +33,7 @@ is not exercised by the tests (one machine).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -142,13 +143,44 @@ class RolloutBatch:
         return self.tokens.shape[0]
 
 
+# XLA:CPU flags for the jaxlib versions they were measured on (docs/results.md §4).
+# YNNPACK's reduce and elementwise fusions ran the attention softmax and its backward
+# several times slower than XLA's own loops: without them a warm-start step on jaxlib
+# 0.10 took 15% less time and a decode step the same. YNNPACK keeps the matmuls.
+# Experimental flags can vanish in a later jaxlib, and XLA refuses unknown flags, so
+# other versions get none of them.
+CPU_XLA_FLAGS = {"0.10.": ("--xla_cpu_experimental_ynn_fusion_type=-reduce,-eltwise",)}
+
+
+def add_cpu_xla_flags(environ=os.environ) -> tuple[str, ...]:
+    """Appends this jaxlib's `CPU_XLA_FLAGS` to `XLA_FLAGS` in `environ`; returns them.
+
+    A flag the user already set in XLA_FLAGS is left as they set it. Only takes effect
+    if called before JAX opens its CPU backend.
+    """
+    import jaxlib
+
+    flags = next(
+        (flags for prefix, flags in CPU_XLA_FLAGS.items() if jaxlib.__version__.startswith(prefix)),
+        (),
+    )
+    current = environ.get("XLA_FLAGS", "")
+    added = tuple(f for f in flags if f.split("=")[0] + "=" not in current)
+    if added:
+        environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+    return added
+
+
 def initialize_backend(backend: str, *, distributed: bool = False) -> None:
     """Selects the platform and, when `distributed`, joins the multi-host job.
 
-    Call once at start-up, before anything touches a JAX device.
+    Call once at start-up, before anything touches a JAX device. On CPU it also adds
+    `CPU_XLA_FLAGS` (see `add_cpu_xla_flags`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: use one of {BACKENDS}")
+    if backend == "cpu":
+        add_cpu_xla_flags()
     jax.config.update("jax_platforms", backend)
     if distributed:
         jax.distributed.initialize()  # Must come before the first device use.
