@@ -10,8 +10,8 @@ Variants (comma separated after a colon):
 Any key below can be overridden with --config.KEY=VALUE, e.g.
 --config.algorithm.feedback_guidance.mix=0.5.
 
-Sized for the 20-minute budget on 2 CPU cores: 10.5 minutes measured on seed 0 (warm
-start 3.6, 12 RL steps of ~26 s, 4 evaluations); docs/results.md has the measured runs.
+Sized for the 20-minute budget on 2 CPU cores: 9-10.5 minutes measured on seed 0 (warm
+start 3.3-3.6, 12 RL steps of 23-26 s, 4 evaluations); docs/results.md has the runs.
 """
 
 import ml_collections
