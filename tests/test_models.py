@@ -150,11 +150,15 @@ class KVCacheTest(chex.TestCase):
         chex.assert_type(jax.tree.leaves(cache), jnp.bfloat16)
         self.assertLen(jax.tree.leaves(cache), 4)
 
+    def _full_cache(self, slots: int) -> KVCache:
+        """A 2-row cache whose `slots` slots all hold random tokens' keys and values."""
+        tokens = jnp.asarray(self.rng.integers(1, 128, (2, slots)), jnp.int32)
+        positions = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (2, slots))
+        cache = KVCache.init(self.config, batch=2, max_len=slots)
+        return self._step()(self.model, tokens, positions, cache)[1]
+
     def test_window_keeps_the_first_slots_of_keys_and_values(self):
-        cache = KVCache.init(self.config, batch=2, max_len=8)
-        tokens = jnp.asarray(self.rng.integers(1, 128, (2, 8)), jnp.int32)
-        positions = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
-        _, cache = self._step()(self.model, tokens, positions, cache)
+        cache = self._full_cache(8)
         window = cache.window(5)
         self.assertEqual(window.max_len, 5)
         for full, part in zip(cache.k, window.k, strict=True):
@@ -163,10 +167,7 @@ class KVCacheTest(chex.TestCase):
             np.testing.assert_array_equal(part, full[:, :, :5])
 
     def test_grow_keeps_the_slots_and_adds_zeros(self):
-        cache = KVCache.init(self.config, batch=2, max_len=4)
-        tokens = jnp.asarray(self.rng.integers(1, 128, (2, 4)), jnp.int32)
-        positions = jnp.broadcast_to(jnp.arange(4, dtype=jnp.int32), (2, 4))
-        _, cache = self._step()(self.model, tokens, positions, cache)
+        cache = self._full_cache(4)
         grown = cache.grow(7)
         self.assertEqual(grown.max_len, 7)
         np.testing.assert_array_equal(grown.window(4).k, cache.k)
