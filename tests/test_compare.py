@@ -40,7 +40,8 @@ def write_run(
             rows.append({"step": step, **train[step]})
         if step in (val or {}):
             levels = {f"val/success_level_{lvl}": val[step] / lvl for lvl in (1, 2)}
-            rows.append({"step": step, "val/success": val[step], **levels})
+            score = {"val/score": 0.1 + 0.8 * val[step]}  # partial credit, above success
+            rows.append({"step": step, "val/success": val[step], **score, **levels})
         rows.append({"step": step, "timing_s/checkpoint": 1.0})
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
@@ -147,6 +148,8 @@ def test_compare_writes_pngs_and_a_table_of_hand_computed_values(three_runs, tmp
     assert runs["fd_s0"]["final val success"] == "95.0%"
     assert runs["fd_s0"]["base-policy improvement"] == "+45.0 pts"
     assert runs["base_s0"]["base-policy improvement"] == "+30.0 pts"
+    assert runs["fd_s0"]["final val score"] == "0.860"
+    assert runs["fd_s0"]["score improvement"] == "+0.360"
     assert runs["fd_s0"]["mean step time (s)"] == "25.00"
     assert runs["fd_s0"]["group"] == "DAPO + feedback" and runs["base_s0"]["group"] == "DAPO"
     groups = table_rows(summary, "Groups")
@@ -156,6 +159,8 @@ def test_compare_writes_pngs_and_a_table_of_hand_computed_values(three_runs, tmp
     assert feedback["samples to 90%"] == "not reached (1/2 seeds)"
     assert feedback["final val success"] == "87.5% ± 7.5%"
     assert feedback["base-policy improvement"] == "+42.5 pts ± 2.5 pts"
+    assert feedback["final val score"] == "0.800 ± 0.060"  # 0.86 and 0.74
+    assert feedback["score improvement"] == "+0.340 ± 0.020"  # 0.36 and 0.32
     assert feedback["mean step time (s)"] == "15.00 ± 10.00"
     training = table_rows(summary, "Cold start vs with feedback")
     assert training["fd_s0"]["train first-try success"] == "25.0%"
@@ -169,8 +174,9 @@ def test_failure_modes_come_from_eval_jsons(three_runs, tmp_path):
             {
                 "mode": "feedback",
                 "success_rate": 0.5,
+                "mean_score": 0.625,
                 "failure_types": {"success": 2, "missing_auth": 1, "wrong_department": 1},
-                "with_feedback": {"success_rate": 0.75},
+                "with_feedback": {"success_rate": 0.75, "mean_score": 0.8},
             },
             f,
         )
@@ -183,6 +189,9 @@ def test_failure_modes_come_from_eval_jsons(three_runs, tmp_path):
     training = table_rows(open(result.summary_path).read(), "Cold start vs with feedback")
     assert training["fd_s0"]["cold-start success"] == "50.0%"
     assert training["fd_s0"]["with-feedback success"] == "75.0%"
+    assert training["fd_s0"]["cold-start score"] == "0.625"
+    assert training["fd_s0"]["with-feedback score"] == "0.800"
+    assert training["fd_s1"]["cold-start score"] == "n/a"  # no evaluation JSON
 
 
 def test_missing_data_gives_notes_and_the_plots_that_can_be_made(tmp_path):

@@ -58,6 +58,10 @@ def _fmt_seconds(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def _fmt_score(value: float | None, sign: str = "") -> str:
+    return "n/a" if value is None else f"{value:{sign}.3f}"
+
+
 def _fmt_points(value: float, sign: str = "+") -> str:
     return f"{100 * value:{sign}.1f} pts"
 
@@ -121,6 +125,8 @@ _METRIC_COLUMNS = (
     "tasks to 90%",
     "final val success",
     "base-policy improvement",
+    "final val score",
+    "score improvement",
     "mean step time (s)",
 )
 
@@ -146,6 +152,8 @@ def run_table(runs: list[runs_lib.Run]) -> list[str]:
                 *_reach_cells(run),
                 _fmt_pct(runs_lib.final_value(run, runs_lib.VAL_SUCCESS)),
                 "n/a" if improvement is None else _fmt_points(improvement),
+                _fmt_score(runs_lib.final_value(run, runs_lib.VAL_SCORE)),
+                _fmt_score(runs_lib.improvement(run, runs_lib.VAL_SCORE), "+"),
                 _fmt_seconds(runs_lib.mean_of(run, "timing_s/step")),
             ]
         )
@@ -158,6 +166,8 @@ def feedback_table(runs: list[runs_lib.Run]) -> list[str]:
         "evaluation",
         "cold-start success",
         "with-feedback success",
+        "cold-start score",
+        "with-feedback score",
         "train first-try success",
         "train with-feedback success",
     ]
@@ -165,13 +175,15 @@ def feedback_table(runs: list[runs_lib.Run]) -> list[str]:
     for run in runs:
         chosen = runs_lib.feedback_eval(run)
         name, metrics = chosen if chosen else ("none", {})
-        with_feedback = metrics.get("with_feedback", {}).get("success_rate")
+        retried = metrics.get("with_feedback", {})
         rows.append(
             [
                 run.name,
                 name,
                 _fmt_pct(metrics.get("success_rate")),
-                _fmt_pct(with_feedback),
+                _fmt_pct(retried.get("success_rate")),
+                _fmt_score(metrics.get("mean_score")),
+                _fmt_score(retried.get("mean_score")),
                 _fmt_pct(runs_lib.mean_of(run, "success/first_try")),
                 _fmt_pct(runs_lib.mean_of(run, "success/with_feedback")),
             ]
@@ -211,6 +223,19 @@ def group_table(groups: dict[str, list[runs_lib.Run]]) -> list[str]:
                 ),
                 _fmt_stat(improvement, _fmt_points, lambda v: _fmt_points(v, "")),
                 _fmt_stat(
+                    runs_lib.group_scalar(
+                        [runs_lib.final_value(r, runs_lib.VAL_SCORE) for r in runs]
+                    ),
+                    _fmt_score,
+                ),
+                _fmt_stat(
+                    runs_lib.group_scalar(
+                        [runs_lib.improvement(r, runs_lib.VAL_SCORE) for r in runs]
+                    ),
+                    lambda v: _fmt_score(v, "+"),
+                    _fmt_score,
+                ),
+                _fmt_stat(
                     runs_lib.group_scalar([runs_lib.mean_of(r, "timing_s/step") for r in runs]),
                     _fmt_seconds,
                 ),
@@ -229,7 +254,8 @@ def summary_markdown(
         "to the first evaluation with val/success at or above the threshold (dynamic",
         "sampling: `dynamic_sampling/generated` groups × group size; else `batch/rows`).",
         "Group values are mean ± std over seeds. Base-policy improvement is the final",
-        "val/success minus step 0's (after the warm start). Training first-try and",
+        "val/success minus step 0's (after the warm start); score improvement the same for",
+        "val/score, the mean partial credit (0 to 1). Training first-try and",
         "with-feedback success are means over training steps.",
         "",
         "## Runs",

@@ -207,9 +207,10 @@ def final_value(run: Run, key: str) -> float | None:
     return values[-1] if values else None
 
 
-def improvement(run: Run) -> float | None:
-    """Final val/success minus step 0's (the warm-started policy before RL)."""
-    steps, values = run.series(VAL_SUCCESS)
+def improvement(run: Run, key: str = VAL_SUCCESS) -> float | None:
+    """Final `key` (val/success, val/score) minus step 0's: the warm-started policy
+    before RL."""
+    steps, values = run.series(key)
     if not steps or steps[0] != 0 or len(steps) < 2:
         return None
     return values[-1] - values[0]
