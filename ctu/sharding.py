@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+DATA_AXIS = MESH_AXES[0]  # pure data parallelism: parameters are never sharded over it
 BATCH_AXES = ("data", "fsdp")
 
 AxisNames = tuple[str | tuple[str, ...] | None, ...]
@@ -104,7 +105,15 @@ def shard(x: jax.Array, names: AxisNames) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
         return x
-    return jax.lax.with_sharding_constraint(x, fit_spec(names, x.shape, mesh.shape))
+    # Inside a shard_map, the manual axes are already split off: constrain over the rest.
+    auto = {
+        name: size
+        for (name, size), kind in zip(mesh.shape.items(), mesh.axis_types, strict=True)
+        if kind != AxisType.Manual
+    }
+    if not set(MESH_AXES) <= set(auto):
+        return x
+    return jax.lax.with_sharding_constraint(x, fit_spec(names, x.shape, auto))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -2,7 +2,9 @@ r"""Benchmarks: `python -m launch.bench NAME --out=FILE.json`.
 
 NAME is one of the modules in ctu/bench (env, feedback_update, sampler, train_step).
 Each writes its figures as JSON to --out and prints them. The XLA:CPU flags the
-training programs use (`ctu.rl.train_step.CPU_XLA_FLAGS`) apply here too.
+training programs use (`ctu.rl.train_step.CPU_XLA_FLAGS`) apply here too; a benchmark
+module with `ONE_CPU_DEVICE_PER_CORE = True` (the sampler) also gets one CPU device
+per core.
 """
 
 import importlib
@@ -10,7 +12,7 @@ import json
 
 from absl import app, flags
 
-from ctu.rl.train_step import add_cpu_xla_flags
+from ctu.rl.train_step import add_cpu_xla_flags, cpu_cores
 
 BENCHMARKS = ("env", "feedback_update", "sampler", "train_step")
 
@@ -22,8 +24,9 @@ def main(argv):
         raise app.UsageError(
             f"usage: python -m launch.bench {{{'|'.join(BENCHMARKS)}}} --out=FILE.json"
         )
-    add_cpu_xla_flags()  # before the benchmark opens a JAX backend
-    module = importlib.import_module(f"ctu.bench.{argv[1]}")
+    module = importlib.import_module(f"ctu.bench.{argv[1]}")  # opens no JAX backend
+    per_core = getattr(module, "ONE_CPU_DEVICE_PER_CORE", False)
+    add_cpu_xla_flags(devices=cpu_cores() if per_core else 0)  # before any backend opens
     results = module.run(_OUT.value)
     print(json.dumps(results, indent=2))
 

@@ -271,10 +271,17 @@ class ConfigTest(absltest.TestCase):
             mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
             self.assertEqual(train_step.add_cpu_xla_flags(mine), ())
             self.assertEqual(mine["XLA_FLAGS"], "--xla_cpu_experimental_ynn_fusion_type=dot")
+            # Devices on request; the user's own count (8 above) wins.
+            self.assertEqual(train_step.add_cpu_xla_flags(env, devices=2), ())
+            self.assertIn("device_count=8", env["XLA_FLAGS"])
+            self.assertNotIn("device_count=2", env["XLA_FLAGS"])
         with mock.patch.object(jaxlib, "__version__", "0.11.0"):
             env = {}
             self.assertEqual(train_step.add_cpu_xla_flags(env), ())  # not measured there
             self.assertEqual(env, {})
+            count = "--xla_force_host_platform_device_count=3"
+            self.assertEqual(train_step.add_cpu_xla_flags(env, devices=3), (count,))
+            self.assertEqual(env["XLA_FLAGS"], count)
 
     def test_batch_must_split_into_mini_and_micro_batches(self):
         config = train_step.TrainConfig(num_mini_batches=3, num_micro_batches=2)

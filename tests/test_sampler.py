@@ -205,6 +205,29 @@ class SamplerTest(chex.TestCase):
             self.assertEqual(single.stop_reasons, sharded.stop_reasons)
         self.assertLen(session._cache.k[0].sharding.device_set, 8)
 
+    def test_data_parallel_decode_loops_sample_what_one_device_samples(self):
+        # Over "data" alone every device runs its own decode loop on its rows; a row's
+        # sample depends on the key and its index only, so even sampled tokens agree.
+        chex.assert_devices_available(8, "cpu")
+        mesh = make_mesh({"data": 4, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:4])
+        params = jax.device_put(self.params, state_shardings(self.params, mesh))
+        turns = [_prompts(7, [5, 9, 2, 7, 3, 4, 8, 6]), [[1, 2], None, [3], [4, 5, 6]] * 2]
+        outs = {}
+        for name, (mesh_or_none, weights) in {
+            "single": (None, self.params),
+            "data_parallel": (mesh, params),
+        }.items():
+            session = self._session(SAMPLED, batch_size=8, mesh=mesh_or_none)
+            outs[name] = [
+                session.generate(a, weights, jax.random.key(i)) for i, a in enumerate(turns)
+            ]
+        self._check_against_forward(session, turns, outs["data_parallel"])
+        for single, sharded in zip(outs["single"], outs["data_parallel"], strict=True):
+            np.testing.assert_array_equal(single.tokens, sharded.tokens)
+            np.testing.assert_allclose(single.logprobs, sharded.logprobs, atol=1e-4)
+            self.assertEqual(single.stop_reasons, sharded.stop_reasons)
+        self.assertLen(session._cache.k[0].sharding.device_set, 4)
+
     def test_user_errors(self):
         session = self._session(SAMPLED, batch_size=2)
         with self.assertRaisesRegex(ValueError, "2"):

@@ -163,6 +163,20 @@ class FiltersTest(chex.TestCase):
         np.testing.assert_array_equal(a, b)
         self.assertFalse(np.array_equal(a, c))
 
+    @parameterized.parameters(SamplingConfig(), SamplingConfig(top_p=0.9, top_k=20))
+    def test_a_row_samples_the_same_in_any_split_of_the_batch(self, config):
+        # What lets every device of a data-parallel decode run its own loop.
+        logits = _logits(10, batch=12, scale=1.0)
+        key = jax.random.key(11)
+        whole, whole_logp = sample_tokens(key, logits, config)
+        for rows in (np.arange(4, 8), np.arange(9, 12), np.array([2])):
+            part, part_logp = sample_tokens(key, logits[rows], config, jnp.asarray(rows))
+            np.testing.assert_array_equal(part, whole[rows])
+            np.testing.assert_array_equal(part_logp, whole_logp[rows])
+        # The index, not the position in the call, decides: rows 4..7 sampled as 0..3 differ.
+        shifted, _ = sample_tokens(key, logits[4:8], config)
+        self.assertFalse(np.array_equal(shifted, whole[4:8]))
+
 
 if __name__ == "__main__":
     absltest.main()

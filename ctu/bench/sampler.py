@@ -6,6 +6,11 @@ sample at temperature 1 with no top-k / top-p. The Hugging Face model is the ver
 weights, exported with `ctu.models.to_hf` and loaded with `AutoModelForCausalLM`.
 Compile / first-call time is excluded from tokens/s (warm-up) and reported separately.
 
+On CPU, `launch.bench` gives this benchmark one JAX device per core and our sampler
+runs data-parallel over them (a mesh over "data", one decode loop per device): XLA:CPU
+runs a decode step's small matmuls on one core, while PyTorch's `generate` threads
+every op over all cores. Both engines use the same cores.
+
 On GPU a second section times decode of the real-size presets with random weights and
 compares it with the memory-bandwidth bound: every decode step reads all parameters and
 the whole KV cache (our attention reads every slot), so
@@ -22,10 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ctu import sharding
 from ctu.models import KVCache, ModelConfig, Qwen, to_hf
 from ctu.sampling import SamplingConfig, Session
 from ctu.world.evaluation import write_json_atomic
 
+# launch.bench: one CPU device per core (see the module docstring).
+ONE_CPU_DEVICE_PER_CORE = True
 BATCH = 64
 PROMPT_LEN = 32
 NEW_TOKENS = 128
@@ -49,15 +57,27 @@ def _prompts(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, length), dtype=np.int32)
 
 
+def data_parallel_mesh(batch: int):
+    """A mesh of every device over "data", or None for one device or an uneven split."""
+    devices = jax.devices()
+    if len(devices) == 1 or batch % len(devices):
+        return None
+    return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+
+
 def sampler_runner(model: Qwen, *, batch: int, prompt_len: int, new_tokens: int):
-    """`run(max_new_tokens, seed) -> seconds` for one fresh `Session.generate` call."""
+    """`run(max_new_tokens, seed) -> seconds` for one fresh `Session.generate` call, over
+    `data_parallel_mesh(batch)`."""
     prompts = _prompts(batch, prompt_len, model.config.vocab_size).tolist()
     params = nnx.state(model)
+    mesh = data_parallel_mesh(batch)
+    if mesh is not None:
+        params = jax.device_put(params, sharding.state_shardings(params, mesh))
 
     def run(max_new_tokens: int, seed: int) -> float:
         sampling = SamplingConfig(max_new_tokens=max_new_tokens)  # no stop tokens
         session = Session(
-            model, batch_size=batch, max_len=prompt_len + new_tokens, sampling=sampling
+            model, batch_size=batch, max_len=prompt_len + new_tokens, sampling=sampling, mesh=mesh
         )
         start = time.perf_counter()
         out = session.generate(prompts, params, jax.random.key(seed))  # returns host arrays
@@ -209,6 +229,7 @@ def run(out_path: str) -> dict:
             "model": "tiny",
             "sampling": "T=1, no top-k/p",
             "backend": jax.default_backend(),
+            "jax_devices": jax.device_count(),
             "cpu_count": os.cpu_count(),
             "load_average_1m": [load_before, os.getloadavg()[0]],
         },

@@ -152,8 +152,20 @@ class RolloutBatch:
 CPU_XLA_FLAGS = {"0.10.": ("--xla_cpu_experimental_ynn_fusion_type=-reduce,-eltwise",)}
 
 
-def add_cpu_xla_flags(environ=os.environ) -> tuple[str, ...]:
+CPU_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def add_cpu_xla_flags(environ=os.environ, *, devices: int = 0) -> tuple[str, ...]:
     """Appends this jaxlib's `CPU_XLA_FLAGS` to `XLA_FLAGS` in `environ`; returns them.
+
+    `devices` > 0 also asks for that many CPU devices (e.g. `cpu_cores()`): XLA:CPU runs
+    a small decode step's matmuls on one core, so data-parallel decode loops, one per
+    device (`ctu.sampling.engine.decode_step`), are what put every core to work.
 
     A flag the user already set in XLA_FLAGS is left as they set it. Only takes effect
     if called before JAX opens its CPU backend.
@@ -164,6 +176,8 @@ def add_cpu_xla_flags(environ=os.environ) -> tuple[str, ...]:
         (flags for prefix, flags in CPU_XLA_FLAGS.items() if jaxlib.__version__.startswith(prefix)),
         (),
     )
+    if devices > 0:
+        flags = (*flags, f"{CPU_DEVICE_COUNT_FLAG}={devices}")
     current = environ.get("XLA_FLAGS", "")
     added = tuple(f for f in flags if f.split("=")[0] + "=" not in current)
     if added:

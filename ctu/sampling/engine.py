@@ -25,9 +25,11 @@ import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from ctu.sampling.filters import sample_tokens
 from ctu.sampling.settings import SamplingConfig
+from ctu.sharding import DATA_AXIS
 
 # Number of times each step was traced (i.e. compiled), for tests and benchmarks.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -134,6 +136,13 @@ def decode_step(
 ):
     """Decodes up to `limits[b]` tokens per active row in one while_loop.
 
+    Under a mesh (`jax.set_mesh`) that only splits "data" (fsdp and tensor of size 1),
+    each device runs its own loop over its rows (`jax.shard_map`): no device waits on
+    the others between tokens (the SPMD loop all-reduces its stop condition every
+    token), and a shard stops as soon as its own rows are done. Rows sample from keys
+    folded with their index in the whole batch, so the tokens do not depend on the
+    split. With fsdp or tensor above 1 the loop stays one SPMD program.
+
     Args:
       graphdef, state: the model, split with `nnx.split`.
       cache: the `KVCache` (donated); `cache.max_len` is the slot capacity.
@@ -152,8 +161,52 @@ def decode_step(
     """
     TRACE_COUNTS["decode_step"] += 1
     chex.assert_rank([first_tokens, first_logprobs, lengths, active, limits], 1)
+    args = (state, cache, first_tokens, first_logprobs, lengths, active, limits, rng)
+    loop = functools.partial(_decode_loop, graphdef=graphdef, config=config)
+    shards = _data_shards()
+    if shards == 1 or first_tokens.shape[0] % shards:
+        return loop(*args, first_row=0)
+
+    def shard_loop(*shard_args):
+        first_row = jax.lax.axis_index(DATA_AXIS) * shard_args[2].shape[0]
+        return loop(*shard_args, first_row=first_row)
+
+    rows = P(DATA_AXIS)
+    return jax.shard_map(
+        shard_loop, in_specs=(P(), rows, rows, rows, rows, rows, rows, P()), out_specs=rows
+    )(*args)
+
+
+def _data_shards() -> int:
+    """Devices on the "data" axis of the mesh in context, if it splits nothing else
+    (XLA's partitioner cannot mix this manual loop with automatic fsdp/tensor axes);
+    else 1."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA_AXIS not in mesh.axis_names:
+        return 1
+    if any(size > 1 for name, size in mesh.shape.items() if name != DATA_AXIS):
+        return 1
+    return mesh.shape[DATA_AXIS]
+
+
+def _decode_loop(
+    state,
+    cache,
+    first_tokens,
+    first_logprobs,
+    lengths,
+    active,
+    limits,
+    rng,
+    *,
+    first_row,
+    graphdef: nnx.GraphDef,
+    config: SamplingConfig,
+):
+    """`decode_step` on rows `first_row ..` of the whole batch (all of it, or a shard)."""
     batch, capacity, budget = first_tokens.shape[0], cache.max_len, config.max_new_tokens
     model = nnx.merge(graphdef, state)
+    rows = first_row + jnp.arange(batch, dtype=jnp.int32)
 
     def can_continue(running, num_tokens, lengths):
         # The next token needs a free slot for the one just sampled.
@@ -177,7 +230,7 @@ def decode_step(
         # Rows that are not running write their token into their first scratch slot.
         logits, cache = model(c["last"][:, None], positions=c["lengths"][:, None], cache=c["cache"])
         rng_step = jax.random.fold_in(rng, c["step"])
-        tokens, logprobs = sample_tokens(rng_step, logits[:, 0], config)
+        tokens, logprobs = sample_tokens(rng_step, logits[:, 0], config, rows)
         hit_stop = running & _is_stop(tokens, config)
         lengths = c["lengths"] + running
         num_tokens = c["num_tokens"] + running

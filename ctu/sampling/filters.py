@@ -32,8 +32,18 @@ def _sorted_candidates(logits: jax.Array, config: SamplingConfig):
     return values, ids
 
 
-def _inverse_cdf_sample(rng: jax.Array, logprobs: jax.Array) -> jax.Array:
-    """Index `[batch]` drawn from normalised log-probs `[batch, n]` (-inf allowed).
+def row_uniforms(rng: jax.Array, rows: jax.Array) -> jax.Array:
+    """One uniform in [0, 1) per row, from `rng` folded with the row's index.
+
+    A row's draw depends only on the key and its index in the whole batch, never on
+    the batch's size or on how it is split over devices, so a batch sharded into
+    per-device decode loops samples exactly what the unsharded batch samples."""
+    return jax.vmap(lambda row: jax.random.uniform(jax.random.fold_in(rng, row)))(rows)
+
+
+def _inverse_cdf_sample(rng: jax.Array, logprobs: jax.Array, rows: jax.Array) -> jax.Array:
+    """Index `[batch]` drawn from normalised log-probs `[batch, n]` (-inf allowed); row b
+    uses the uniform of global row index `rows[b]`.
 
     Inverse-CDF sampling with one uniform per row, in two levels: pick a block of about
     sqrt(n) entries by its mass, then the entry inside it. This replaces
@@ -50,7 +60,7 @@ def _inverse_cdf_sample(rng: jax.Array, logprobs: jax.Array) -> jax.Array:
     mass = blocks.sum(axis=-1)
     cdf = jnp.cumsum(mass, axis=-1)
     total = cdf[:, -1:]
-    u = jax.random.uniform(rng, total.shape, jnp.float32) * total
+    u = row_uniforms(rng, rows)[:, None] * total
     # u can round up to the total: fall back to the last block that has mass.
     chosen = jnp.minimum(jnp.sum(cdf <= u, axis=-1), jnp.sum(cdf < total, axis=-1))
     before = jnp.take_along_axis(cdf - mass, chosen[:, None], axis=-1)
@@ -62,7 +72,7 @@ def _inverse_cdf_sample(rng: jax.Array, logprobs: jax.Array) -> jax.Array:
 
 
 def sample_tokens(
-    rng: jax.Array, logits: jax.Array, config: SamplingConfig
+    rng: jax.Array, logits: jax.Array, config: SamplingConfig, rows: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """Samples one token per row.
 
@@ -70,6 +80,8 @@ def sample_tokens(
       rng: a PRNG key.
       logits: float `[batch, vocab]`, the model's raw next-token logits.
       config: sampling settings.
+      rows: int32 `[batch]`, each row's index in the whole batch (default 0..batch-1);
+        a row's sample depends on the key and this index only (`row_uniforms`).
 
     Returns:
       tokens int32 `[batch]` and their log-probs float32 `[batch]` under the sampling
@@ -77,6 +89,8 @@ def sample_tokens(
     """
     chex.assert_rank(logits, 2)
     logits = logits.astype(jnp.float32)
+    if rows is None:
+        rows = jnp.arange(logits.shape[0], dtype=jnp.int32)
     if config.greedy:
         tokens = jnp.argmax(logits, axis=-1)
         logprobs = jax.nn.log_softmax(logits, axis=-1)
@@ -84,12 +98,12 @@ def sample_tokens(
         return tokens.astype(jnp.int32), chosen
     if not config.filtered:
         logprobs = jax.nn.log_softmax(logits / config.temperature, axis=-1)
-        tokens = _inverse_cdf_sample(rng, logprobs)
+        tokens = _inverse_cdf_sample(rng, logprobs, rows)
         chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
         return tokens.astype(jnp.int32), chosen
     values, ids = _sorted_candidates(logits, config)
     logprobs = jax.nn.log_softmax(values, axis=-1)
-    choice = _inverse_cdf_sample(rng, logprobs)
+    choice = _inverse_cdf_sample(rng, logprobs, rows)
     chosen = jnp.take_along_axis(logprobs, choice[:, None], axis=-1)[:, 0]
     tokens = jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
     return tokens.astype(jnp.int32), chosen
