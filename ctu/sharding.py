@@ -101,19 +101,15 @@ def fit_spec(names: AxisNames, shape: tuple[int, ...], mesh_shape: Mapping[str, 
 
 
 def shard(x: jax.Array, names: AxisNames) -> jax.Array:
-    """Constrains an activation's sharding under the current mesh; a no-op without one."""
+    """Constrains an activation's sharding under the current mesh; a no-op without one,
+    and inside a shard_map (manual axes: the data-parallel decode loops), where each
+    device already holds just its part."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
         return x
-    # Inside a shard_map, the manual axes are already split off: constrain over the rest.
-    auto = {
-        name: size
-        for (name, size), kind in zip(mesh.shape.items(), mesh.axis_types, strict=True)
-        if kind != AxisType.Manual
-    }
-    if not set(MESH_AXES) <= set(auto):
+    if AxisType.Manual in mesh.axis_types:
         return x
-    return jax.lax.with_sharding_constraint(x, fit_spec(names, x.shape, auto))
+    return jax.lax.with_sharding_constraint(x, fit_spec(names, x.shape, mesh.shape))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
