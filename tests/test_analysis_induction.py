@@ -1,0 +1,48 @@
+import math
+
+import numpy as np
+import pytest
+
+from ctu.analysis import induction
+from ctu.models import ModelConfig
+
+
+def test_copy_batch_repeats_a_first_half_span_at_varying_places():
+    config = induction.ProbeConfig(vocab=50, length=64, span=10, batch=64)
+    tokens, mask = induction.copy_batch(np.random.default_rng(0), config)
+    assert tokens.shape == mask.shape == (64, 64)
+    assert tokens.min() >= induction.FIRST_TOKEN
+    assert tokens.max() < induction.FIRST_TOKEN + 50
+    starts = []
+    for row in range(64):
+        masked = np.flatnonzero(mask[row])
+        assert len(masked) == config.span - 1 and np.all(np.diff(masked) == 1)
+        start = masked[0] - 1  # the span's first token carries no loss
+        assert start >= config.length // 2
+        span = tokens[row, start : start + config.span]
+        # The span occurs in the first half, so content alone locates it.
+        first_half = tokens[row, : config.length // 2]
+        windows = np.lib.stride_tricks.sliding_window_view(first_half, config.span)
+        assert np.any(np.all(windows == span, axis=1))
+        starts.append(start)
+    # Not a fixed offset: the repeat lands in many places.
+    assert len(set(starts)) > 10
+
+
+def test_probe_config_refuses_a_span_that_cannot_move():
+    with pytest.raises(ValueError, match="length=30 must be at least 4 \\* span=40"):
+        induction.ProbeConfig(length=30, span=10)
+    with pytest.raises(ValueError, match="batch must be >= 1"):
+        induction.ProbeConfig(batch=0)
+
+
+def test_a_fresh_model_starts_at_chance_and_the_curve_is_logged():
+    model = ModelConfig.preset("tiny", vocab_size=8)  # grown to fit the probe's tokens
+    config = induction.ProbeConfig(vocab=40, length=40, span=8, batch=4, steps=3, log_every=1)
+    result = induction.run_probe(model, config, log=lambda _: None)
+    assert [p["step"] for p in result["curve"]] == [1, 2, 3]
+    assert result["chance_loss"] == pytest.approx(math.log(40))
+    # Small initial weights predict nearly uniformly over the whole (grown) vocabulary.
+    vocab = induction.FIRST_TOKEN + 40
+    assert result["curve"][0]["loss"] == pytest.approx(math.log(vocab), abs=0.15)
+    assert result["steps_to_copy"] is None
