@@ -12,7 +12,6 @@ attention) to measure what it costs.
 
 import dataclasses
 import json
-import os
 
 from absl import app, flags
 
@@ -36,6 +35,7 @@ def main(argv):
     add_cpu_xla_flags()  # before any backend opens
     from ctu.analysis import induction
     from ctu.models import ModelConfig
+    from ctu.world.evaluation import write_json_atomic
 
     model_config = ModelConfig.preset(_MODEL.value)
     if _QK_NORM.value != "preset":
@@ -62,11 +62,7 @@ def main(argv):
         run = induction.run_probe(model_config, probe)
         results["runs"].append({"probe": dataclasses.asdict(probe)} | run)
         print(f"seed {seed}: steps to copy {run['steps_to_copy']}, {run['seconds']:.0f} s")
-    tmp = _OUT.value + ".tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, _OUT.value)
+    write_json_atomic(_OUT.value, results)
     print(json.dumps({r["probe"]["seed"]: r["steps_to_copy"] for r in results["runs"]}))
 
 

@@ -18,16 +18,16 @@ updates an architecture needs before any of that can be learned.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from ctu.models import ModelConfig, Qwen
 from ctu.rl.optim import OptimConfig, make_optimizer
+from ctu.sft import sft_loss
 
 # Token ids below this are left out of the random tokens (special and markup tokens).
 FIRST_TOKEN = 16
@@ -73,15 +73,11 @@ def copy_batch(rng: np.random.Generator, config: ProbeConfig) -> tuple[np.ndarra
     return tokens.astype(np.int32), mask
 
 
-def masked_nll(model: nnx.Module, tokens: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean negative log-likelihood of the tokens where `mask` is 1 (mask[:, 0] unused)."""
-    logits = model(tokens)[:, :-1].astype(jnp.float32)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1)[..., 0]
-    return -(logp * mask[:, 1:]).sum() / jnp.maximum(mask[:, 1:].sum(), 1.0)
-
-
 def run_probe(model_config: ModelConfig, config: ProbeConfig, log=print) -> dict:
-    """Trains a fresh model on the copy task; returns its loss curve and steps to copy."""
+    """Trains a fresh model on the copy task; returns its loss curve and steps to copy.
+
+    The model's vocabulary is grown to hold the probe's tokens when it is smaller; the
+    loss is the warm start's (`ctu.sft.sft_loss`: token-mean NLL over the mask)."""
     if model_config.vocab_size < FIRST_TOKEN + config.vocab:
         model_config = dataclasses.replace(model_config, vocab_size=FIRST_TOKEN + config.vocab)
     model = Qwen(model_config, rngs=nnx.Rngs(config.seed))
@@ -90,9 +86,11 @@ def run_probe(model_config: ModelConfig, config: ProbeConfig, log=print) -> dict
     )
     optimizer = nnx.Optimizer(model, make_optimizer(optim), wrt=nnx.Param)
 
+    loss_fn = functools.partial(sft_loss, prefix_len=0)
+
     @nnx.jit
     def train_step(model, optimizer, tokens, mask):
-        loss, grads = nnx.value_and_grad(masked_nll)(model, tokens, mask)
+        (loss, _), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, tokens, mask)
         optimizer.update(model, grads)
         return loss
 
