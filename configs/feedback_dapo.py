@@ -38,6 +38,9 @@ def get_config(arg=None):
     config.model.init = "scratch"  # scratch | hf:PATH (a Hugging Face folder)
     config.model.dtype = "float32"
     config.model.param_dtype = "float32"
+    # Add the previous token's embedding to each token's (ModelConfig.smear): a model
+    # trained from scratch copies by content far sooner. Presets only; HF has no such gate.
+    config.model.smear = False
     # "" builds a BPE tokenizer from the world into WORKDIR/tokenizer; else a HF folder.
     config.model.tokenizer = ""
     config.model.tokenizer_vocab_size = 2048
@@ -65,6 +68,10 @@ def get_config(arg=None):
     # Weight of language modelling on the environment's text (user, tools) beside the
     # agent's turns: a from-scratch model learns to read and copy from it.
     config.warm_start.context_loss_weight = 1.0
+    # Updates on a generic copy task (a random span repeated at a random place) before
+    # the demonstrations, so copying names and numbers can be learned from them.
+    config.warm_start.induction_steps = 0
+    config.warm_start.induction_learning_rate = 3e-3
 
     # Rollout
     config.rollout = ml_collections.ConfigDict()

@@ -90,6 +90,11 @@ class RunSettings:
         init = self.model["init"]
         if init != "scratch" and not init.startswith("hf:"):
             raise ValueError(f"model.init={init!r}: use 'scratch' or 'hf:PATH'.")
+        if self.model.get("smear") and init != "scratch":
+            raise ValueError(
+                f"model.smear=True with model.init={init!r}: a checkpoint's config.json says "
+                "whether it smears; set model.smear only for a preset trained from scratch."
+            )
 
 
 def settings_from_config(config) -> RunSettings:

@@ -31,6 +31,7 @@ from flax import nnx
 
 from ctu import feedback_guidance as fg
 from ctu import prompts, sharding
+from ctu.analysis import induction
 from ctu.analysis.copy_probe import copy_accuracy
 from ctu.models import from_hf, to_hf
 from ctu.models.shared_prefix import common_prefix_length, shared_prefix_token_logp
@@ -54,6 +55,10 @@ class WarmStartConfig:
     feedback_demo_fraction: float = 0.3
     max_len: int = 1024
     context_loss_weight: float = 0.0
+    # Updates on the variable-offset copy task (ctu.analysis.induction) before the
+    # demonstrations: a from-scratch model first learns to copy by content there.
+    induction_steps: int = 0
+    induction_learning_rate: float = 3e-3
 
     def __post_init__(self):
         if self.num_tasks < 0:
@@ -72,6 +77,11 @@ class WarmStartConfig:
             )
         if self.warmup_steps < 0 or self.learning_rate <= 0:
             raise ValueError("warm_start.warmup_steps must be >= 0 and learning_rate > 0")
+        if self.induction_steps < 0 or self.induction_learning_rate <= 0:
+            raise ValueError(
+                "warm_start.induction_steps must be >= 0 and induction_learning_rate > 0, got "
+                f"{self.induction_steps} and {self.induction_learning_rate}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,6 +397,19 @@ def warm_start(
         f"warm start: {len(demos)} demonstrations ({with_feedback} acting on feedback), "
         f"mean heuristic score {np.mean([d.score for d in demos]):.3f}"
     )
+    if config.induction_steps:
+        copy_task = induction.ProbeConfig(
+            vocab=len(tokenizer) - induction.FIRST_TOKEN,
+            steps=config.induction_steps,
+            learning_rate=config.induction_learning_rate,
+            log_every=50,
+            seed=seed,
+        )
+        curve = induction.train_copy(
+            model, copy_task, log=lambda m: log(f"warm start copy task {m}")
+        )
+        for point in curve:
+            writer.write_scalars(point["step"], {"warm_start/copy_task_loss": point["loss"]})
     trainer = SftTrainer(model, config, mesh)
     stream = batches(demos, config.batch_size, seed=seed)
     for step in range(1, config.steps + 1):

@@ -131,12 +131,15 @@ def kv_cache_shardings(mesh: Mesh, cache, rules: ShardingRules = DEFAULT_RULES):
     """NamedShardings for a KVCache (abstract or concrete), one per layer's k and v.
 
     Every layer array is `[batch, kv_heads, ., .]` (ctu/models/cache.py): rows over the
-    batch axes, kv heads over "tensor", slots and head_dim whole.
+    batch axes, kv heads over "tensor", slots and head_dim whole. The token ids of a
+    smear model's cache, `[batch, slots]`, have their rows split the same way.
     """
-    return jax.tree.map(
-        lambda x: NamedSharding(mesh, fit_spec(rules.kv_cache, tuple(x.shape), mesh.shape)),
-        cache,
-    )
+
+    def one(x):
+        names = rules.kv_cache if x.ndim == len(rules.kv_cache) else (rules.kv_cache[0], None)
+        return NamedSharding(mesh, fit_spec(names, tuple(x.shape), mesh.shape))
+
+    return jax.tree.map(one, cache)
 
 
 def state_shardings(tree, mesh: Mesh):

@@ -84,7 +84,10 @@ def setup(config, workdir: str) -> Setup:
         model, model_config = from_hf(model_settings["init"][3:], mesh=mesh, **dtypes)
     else:
         model_config = ModelConfig.preset(
-            model_settings["preset"], vocab_size=len(tokenizer), **dtypes
+            model_settings["preset"],
+            vocab_size=len(tokenizer),
+            smear=model_settings["smear"],
+            **dtypes,
         )
         model = sharding.create_sharded_model(model_config, mesh, nnx.Rngs(settings.seed))
     if model_config.vocab_size < len(tokenizer):

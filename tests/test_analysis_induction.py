@@ -46,3 +46,13 @@ def test_a_fresh_model_starts_at_chance_and_the_curve_is_logged():
     vocab = induction.FIRST_TOKEN + 40
     assert result["curve"][0]["loss"] == pytest.approx(math.log(vocab), abs=0.15)
     assert result["steps_to_copy"] is None
+
+
+def test_train_copy_refuses_ids_beyond_the_vocabulary():
+    from flax import nnx
+
+    from ctu.models import Qwen
+
+    model = Qwen(ModelConfig.preset("tiny", vocab_size=40), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="beyond the model's vocabulary of 40; lower vocab"):
+        induction.train_copy(model, induction.ProbeConfig(vocab=64), log=lambda _: None)

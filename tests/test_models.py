@@ -177,8 +177,14 @@ class KVCacheTest(chex.TestCase):
         with self.assertRaisesRegex(ValueError, "grow"):
             cache.grow(3)
 
-    def test_ragged_prefill_decode_and_continuation(self):
-        """Right-padded ragged prefill, token-by-token decode, then a ragged chunk."""
+    @parameterized.named_parameters(("plain", False), ("smear", True))
+    def test_ragged_prefill_decode_and_continuation(self, smear):
+        """Right-padded ragged prefill, token-by-token decode, then a ragged chunk.
+
+        A smear model's calls must find each chunk's first predecessor in the cache."""
+        if smear:
+            self.config = dataclasses.replace(self.config, smear=True)
+            self.model = toys.tiny_model(self.config, weight_scale=4.0)
         prompt_lens, decode_steps, chunk_lens = [7, 3, 1], 4, [2, 5, 3]
         rows = [list(self.rng.integers(1, 128, n)) for n in prompt_lens]
         step = self._step()
@@ -229,6 +235,36 @@ class KVCacheTest(chex.TestCase):
         written = sum(np.abs(np.asarray(k)).sum(axis=(1, 2)) for k in cache.k)  # [B, S]
         np.testing.assert_array_equal(written[0] > 0, [True, True, True, False])
         np.testing.assert_array_equal(written[1], 0)
+
+    def test_smear_cache_keeps_token_ids_through_window_and_grow(self):
+        config = dataclasses.replace(self.config, smear=True)
+        tokens = jnp.asarray([[5, 6, 7], [8, 9, 10]], jnp.int32)
+        cache = KVCache.init(config, batch=2, max_len=4)
+        positions = jnp.asarray([[0, 1, 2], [1, 2, -1]], jnp.int32)
+        cache, before = cache.previous_tokens(tokens, positions)
+        np.testing.assert_array_equal(cache.tokens, [[5, 6, 7, 0], [0, 8, 9, 0]])
+        np.testing.assert_array_equal(before, [[-1, 5, 6], [0, 8, -1]])
+        np.testing.assert_array_equal(cache.grow(6).tokens[:, 4:], 0)
+        np.testing.assert_array_equal(cache.window(2).tokens, [[5, 6], [0, 8]])
+        self.assertIsNone(KVCache.init(self.config, batch=1, max_len=4).tokens)
+        with self.assertRaisesRegex(ValueError, "smear"):
+            KVCache.init(self.config, batch=1, max_len=4).previous_tokens(tokens, positions)
+
+    def test_smear_adds_the_previous_embedding_only(self):
+        """With the gate at 0 a smear model is the plain model; the first token has no
+        predecessor, so it never changes; later ones do."""
+        config = dataclasses.replace(self.config, smear=True)
+        model = toys.tiny_model(config, weight_scale=4.0)
+        plain = toys.tiny_model(self.config, weight_scale=4.0)
+        tokens = jnp.asarray(self.rng.integers(1, 128, (2, 9)), jnp.int32)
+        smeared = forward(model, tokens)
+        np.testing.assert_allclose(smeared[:, 0], forward(plain, tokens)[:, 0], atol=1e-5)
+        self.assertGreater(
+            float(jnp.abs(smeared[:, 1:] - forward(plain, tokens)[:, 1:]).max()), 1e-2
+        )
+        model.smear.set_value(jnp.zeros_like(model.smear[...]))
+        np.testing.assert_allclose(forward(model, tokens), forward(plain, tokens), atol=1e-5)
+        self.assertEqual(config.num_params(), self.config.num_params() + config.hidden_size)
 
     def test_positions_required_with_cache(self):
         cache = KVCache.init(self.config, batch=1, max_len=4)

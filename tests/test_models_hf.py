@@ -85,6 +85,18 @@ class HFParityTest(chex.TestCase):
         reloaded.eval()
         np.testing.assert_array_equal(_torch_logits(reloaded, tokens), want)
 
+    def test_smear_round_trips_through_our_loader(self):
+        config = toys.tiny_model_config(vocab_size=97, smear=True)
+        model = toys.tiny_model(config)
+        model.smear.set_value(jnp.linspace(-1.0, 1.0, config.hidden_size))
+        path = os.path.join(self.dir, "smear")
+        to_hf(model, config, path)
+        self.assertTrue(json.loads(open(os.path.join(path, "config.json")).read())["ctu_smear"])
+        again, config_again = from_hf(path)
+        self.assertEqual(config_again, config)
+        for leaf, value in _leaves(model).items():
+            np.testing.assert_array_equal(_leaves(again)[leaf], value, err_msg=str(leaf))
+
     def test_sharded_index_both_ways(self):
         hf_dir, ours_dir = os.path.join(self.dir, "hf"), os.path.join(self.dir, "ours")
         hf_model = toys.tiny_hf_checkpoint(hf_dir, family="qwen2", max_shard_size="20KB")

@@ -1,5 +1,6 @@
 """VllmEngine plumbing against a fake `vllm` package (vLLM itself cannot run here)."""
 
+import dataclasses
 import os
 import sys
 import types
@@ -82,6 +83,12 @@ def test_missing_vllm_says_what_to_do(monkeypatch, tmp_path, model):
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(ImportError, match="pip install vllm.*JAX engine"):
         VllmEngine(tmp_path, model.config, SamplingConfig())
+
+
+def test_a_smear_model_is_refused(fake_vllm, tmp_path, model):
+    config = dataclasses.replace(model.config, smear=True)
+    with pytest.raises(ValueError, match="rollout.engine=jax for a smear model"):
+        VllmEngine(tmp_path, config, SamplingConfig())
 
 
 def test_engine_starts_on_the_export_with_prefix_caching(fake_vllm, tmp_path, model):

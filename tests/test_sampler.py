@@ -24,9 +24,10 @@ GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=16)
 TOP_1 = SamplingConfig(top_k=1, max_new_tokens=16)
 
 
-def _peaked_tiny_model(seed: int = 0) -> Qwen:
+def _peaked_tiny_model(seed: int = 0, smear: bool = False) -> Qwen:
     """The tiny preset with weights scaled up, so next-token distributions are peaked."""
-    model = Qwen(ModelConfig.preset("tiny", vocab_size=VOCAB), rngs=nnx.Rngs(seed))
+    config = ModelConfig.preset("tiny", vocab_size=VOCAB, smear=smear)
+    model = Qwen(config, rngs=nnx.Rngs(seed))
     state = nnx.state(model, nnx.Param)
     nnx.update(model, jax.tree.map(lambda w: w * 4.0 if w.ndim >= 2 else w, state))
     return model
@@ -43,10 +44,12 @@ def _forward_logprobs(graphdef, state, tokens):
 
 
 class SamplerTest(chex.TestCase):
+    SMEAR = False
+
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.model = _peaked_tiny_model()
+        cls.model = _peaked_tiny_model(smear=cls.SMEAR)
         cls.graphdef, cls.params = nnx.split(cls.model)
 
     def _session(self, sampling, batch_size=5, **kwargs):
@@ -229,6 +232,8 @@ class SamplerTest(chex.TestCase):
         self.assertLen(session._cache.k[0].sharding.device_set, 4)
 
     def test_user_errors(self):
+        if self.SMEAR:
+            self.skipTest("the model does not matter here")
         session = self._session(SAMPLED, batch_size=2)
         with self.assertRaisesRegex(ValueError, "2"):
             session.generate([[1]], self.params, jax.random.key(0))
@@ -236,6 +241,13 @@ class SamplerTest(chex.TestCase):
             session.generate([[1], []], self.params, jax.random.key(0))
         with self.assertRaisesRegex(ValueError, "token ids"):
             session.generate([[1], [VOCAB]], self.params, jax.random.key(0))
+
+
+class SmearSamplerTest(SamplerTest):
+    """Every sampler check again on a `ModelConfig.smear` model, whose calls read the
+    token before each chunk from the cache: prefill pieces, decode loops, KV windows."""
+
+    SMEAR = True
 
 
 if __name__ == "__main__":

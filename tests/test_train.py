@@ -54,6 +54,7 @@ def _flatten(d, prefix=""):
         ("algorithm.loss", "ppo", "ppo"),
         ("warm_start.feedback_demo_fraction", 2.0, "feedback_demo_fraction"),
         ("rollout.group_size", 0, "num_rollouts"),
+        ("warm_start.induction_steps", -1, "induction_steps"),
     ],
 )
 def test_bad_values_are_errors_that_name_the_key(key, value, match):
@@ -64,6 +65,15 @@ def test_bad_values_are_errors_that_name_the_key(key, value, match):
         section = section[name]
     section[last] = value
     with pytest.raises(ValueError, match=match):
+        run_config.settings_from_config(config)
+
+
+def test_smear_is_for_presets_trained_from_scratch():
+    config = feedback_dapo.get_config()
+    config.model.smear = True
+    assert run_config.settings_from_config(config).model["smear"]
+    config.model.init = "hf:/some/checkpoint"
+    with pytest.raises(ValueError, match="model.smear=True with model.init='hf:/some/checkpoint'"):
         run_config.settings_from_config(config)
 
 
@@ -218,3 +228,19 @@ def test_smoke_run_resumes_from_its_workdir(smoke_run):
     train_rows = [row["step"] for row in rows if "loss" in row]
     assert train_rows == [1, 2, 3]  # step 3 only was added; nothing repeated
     assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))
+
+
+def test_smoke_run_with_smear_and_the_copy_task(tmp_path):
+    """The options a from-scratch model copies sooner with, end to end: the copy task
+    before the demonstrations, a smear warm start saved and reloaded by the HF loader,
+    rollouts and updates through its KV caches."""
+    config = feedback_dapo.get_config("smoke")
+    config.total_steps = 1
+    config.model.smear = True
+    config.warm_start.induction_steps = 3
+    last = train.train_and_evaluate(config, str(tmp_path))
+    assert math.isfinite(last["loss"]) and math.isfinite(last["grad_norm"])
+    with open(tmp_path / "warm_start" / "config.json") as f:
+        assert json.load(f)["ctu_smear"] is True
+    rows = read_jsonl(str(tmp_path / "warm_start_logs" / "metrics.jsonl"))
+    assert [r["step"] for r in rows if "warm_start/copy_task_loss" in r] == [3]

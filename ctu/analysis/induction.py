@@ -27,7 +27,6 @@ from flax import nnx
 
 from ctu.models import ModelConfig, Qwen
 from ctu.rl.optim import OptimConfig, make_optimizer
-from ctu.sft import sft_loss
 
 # Token ids below this are left out of the random tokens (special and markup tokens).
 FIRST_TOKEN = 16
@@ -73,19 +72,21 @@ def copy_batch(rng: np.random.Generator, config: ProbeConfig) -> tuple[np.ndarra
     return tokens.astype(np.int32), mask
 
 
-def run_probe(model_config: ModelConfig, config: ProbeConfig, log=print) -> dict:
-    """Trains a fresh model on the copy task; returns its loss curve and steps to copy.
-
-    The model's vocabulary is grown to hold the probe's tokens when it is smaller; the
-    loss is the warm start's (`ctu.sft.sft_loss`: token-mean NLL over the mask)."""
-    if model_config.vocab_size < FIRST_TOKEN + config.vocab:
-        model_config = dataclasses.replace(model_config, vocab_size=FIRST_TOKEN + config.vocab)
-    model = Qwen(model_config, rngs=nnx.Rngs(config.seed))
+def train_copy(model: nnx.Module, config: ProbeConfig, log=print) -> list[dict]:
+    """Trains `model` in place on `config.steps` batches of the copy task (AdamW with
+    warmup, no weight decay; the loss is the warm start's `ctu.sft.sft_loss`, token-mean
+    NLL over the mask). Returns the loss curve, one point per `log_every` steps."""
+    if model.config.vocab_size < FIRST_TOKEN + config.vocab:
+        raise ValueError(
+            f"induction: the copy task draws ids up to {FIRST_TOKEN + config.vocab - 1}, "
+            f"beyond the model's vocabulary of {model.config.vocab_size}; lower vocab"
+        )
     optim = OptimConfig(
         learning_rate=config.learning_rate, warmup_steps=config.warmup_steps, weight_decay=0.0
     )
-    optimizer = nnx.Optimizer(model, make_optimizer(optim), wrt=nnx.Param)
+    from ctu.sft import sft_loss  # ctu.sft runs this before its demonstrations
 
+    optimizer = nnx.Optimizer(model, make_optimizer(optim), wrt=nnx.Param)
     loss_fn = functools.partial(sft_loss, prefix_len=0)
 
     @nnx.jit
@@ -96,12 +97,24 @@ def run_probe(model_config: ModelConfig, config: ProbeConfig, log=print) -> dict
 
     rng = np.random.default_rng(config.seed)
     chance = math.log(config.vocab)
-    curve, started = [], time.perf_counter()
+    curve = []
     for step in range(1, config.steps + 1):
         loss = train_step(model, optimizer, *copy_batch(rng, config))
         if step % config.log_every == 0 or step == config.steps:
             curve.append({"step": step, "loss": float(loss)})
             log(f"step {step}: copy loss {float(loss):.3f} (chance {chance:.3f})")
+    return curve
+
+
+def run_probe(model_config: ModelConfig, config: ProbeConfig, log=print) -> dict:
+    """Trains a fresh model on the copy task; returns its loss curve and steps to copy.
+
+    The model's vocabulary is grown to hold the probe's tokens when it is smaller."""
+    if model_config.vocab_size < FIRST_TOKEN + config.vocab:
+        model_config = dataclasses.replace(model_config, vocab_size=FIRST_TOKEN + config.vocab)
+    started = time.perf_counter()
+    curve = train_copy(Qwen(model_config, rngs=nnx.Rngs(config.seed)), config, log)
+    chance = math.log(config.vocab)
     copied = [point["step"] for point in curve if point["loss"] < 0.5 * chance]
     return {
         "chance_loss": chance,

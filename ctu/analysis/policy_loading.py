@@ -223,7 +223,9 @@ def _model_config(settings: RunSettings, vocab_size: int) -> ModelConfig:
             )
         with open(hf_config, encoding="utf-8") as f:
             return ModelConfig.from_hf_dict(json.load(f), **dtypes)
-    return ModelConfig.preset(model["preset"], vocab_size=vocab_size, **dtypes)
+    # Runs from before `model.smear` existed have no such key.
+    smear = bool(model.get("smear", False))
+    return ModelConfig.preset(model["preset"], vocab_size=vocab_size, smear=smear, **dtypes)
 
 
 def restore_model(directory: str, model_config: ModelConfig, mesh, step: int) -> nnx.Module:

@@ -27,10 +27,15 @@ class KVCache:
     (positions outside `[0, max_len)` are dropped) and lets query `(b, t)` see slots
     `j <= positions[b, t]`. Stale slots beyond a row's length are hidden by that rule
     until the caller overwrites them.
+
+    `tokens` `[batch, max_len]` int32, only for a `ModelConfig.smear` model (else None):
+    the token id in each slot, written by the same rule, from which a call finds the
+    predecessor of its first token.
     """
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
+    tokens: jax.Array | None = None
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
@@ -42,6 +47,7 @@ class KVCache:
         return cls(
             k=tuple(jnp.zeros(k_shape, dtype) for _ in layers),
             v=tuple(jnp.zeros(v_shape, dtype) for _ in layers),
+            tokens=jnp.zeros((batch, max_len), jnp.int32) if config.smear else None,
         )
 
     @property
@@ -59,7 +65,9 @@ class KVCache:
     def window(self, slots: int) -> KVCache:
         """The first `slots` slots of every row and layer."""
         return KVCache(
-            k=tuple(x[..., :slots] for x in self.k), v=tuple(x[:, :, :slots] for x in self.v)
+            k=tuple(x[..., :slots] for x in self.k),
+            v=tuple(x[:, :, :slots] for x in self.v),
+            tokens=None if self.tokens is None else self.tokens[:, :slots],
         )
 
     def grow(self, max_len: int) -> KVCache:
@@ -70,19 +78,32 @@ class KVCache:
         return KVCache(
             k=tuple(jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra))) for x in self.k),
             v=tuple(jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0))) for x in self.v),
+            tokens=None if self.tokens is None else jnp.pad(self.tokens, ((0, 0), (0, extra))),
         )
 
     def update(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array) -> KVCache:
         """Writes k/v `[B, T, K, H]` of `layer` into slots `positions` `[B, T]`."""
-        # Negative positions would wrap around; send them out of range so they drop.
-        slots = jnp.where(positions < 0, self.max_len, positions)
-        rows = jnp.arange(self.batch)[:, None]
+        slots, rows = self._slots(positions)
 
         # Both index expressions select [B, T, K, H]: advanced indices split by slices
         # put their broadcast shape [B, T] first.
         new_k = self.k[layer].at[rows, :, :, slots].set(k.astype(self.k[layer].dtype), mode="drop")
         new_v = self.v[layer].at[rows, :, slots].set(v.astype(self.v[layer].dtype), mode="drop")
-        return KVCache(
+        return self.replace(
             k=(*self.k[:layer], new_k, *self.k[layer + 1 :]),
             v=(*self.v[:layer], new_v, *self.v[layer + 1 :]),
         )
+
+    def previous_tokens(self, tokens: jax.Array, positions: jax.Array):
+        """Writes `tokens` `[B, T]` into slots `positions` and returns the cache with
+        the token ids before each, `[B, T]` (-1 at position 0: no predecessor)."""
+        if self.tokens is None:
+            raise ValueError("this KVCache keeps no token ids: init it for a smear model.")
+        slots, rows = self._slots(positions)
+        written = self.tokens.at[rows, slots].set(tokens, mode="drop")
+        before = jnp.take_along_axis(written, jnp.clip(positions - 1, 0, self.max_len - 1), 1)
+        return self.replace(tokens=written), jnp.where(positions > 0, before, -1)
+
+    def _slots(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        # Negative positions would wrap around; send them out of range so they drop.
+        return jnp.where(positions < 0, self.max_len, positions), jnp.arange(self.batch)[:, None]

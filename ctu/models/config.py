@@ -15,6 +15,8 @@ import jax.numpy as jnp
 FAMILIES = ("qwen2", "qwen3")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _HF_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# config.json key of `ModelConfig.smear`, a ctu extension.
+SMEAR_KEY = "ctu_smear"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +26,16 @@ class ModelConfig:
     `qkv_bias` is True for Qwen2 (biases on q/k/v projections); `qk_norm` is True for
     Qwen3 (RMSNorm over head_dim on queries and keys before RoPE).
     `param_dtype` is the storage dtype of the weights, `dtype` the compute dtype.
+
+    `smear` (not in any Hugging Face model; off in every preset) adds to each token's
+    embedding the previous token's, scaled by a learned per-channel gate (initialised
+    to 1). Every position then carries its predecessor from the start, so a single
+    attention layer can match "the token before you is my token" and copy by content
+    (the circuit a standard model must first build from a previous-token head and an
+    induction head; Olsson et al. 2022, "smeared keys"). It is for models trained from
+    scratch, where that circuit is slow to form (docs/results.md §1). A cached call
+    keeps the token ids per slot (`KVCache.tokens`) to find the predecessor of its
+    first token.
     """
 
     family: str
@@ -44,6 +56,7 @@ class ModelConfig:
     dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    smear: bool = False
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -97,7 +110,7 @@ class ModelConfig:
             attn += 2 * h
         layer = attn + 3 * d * f + 2 * d
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * layer + embed + d
+        return self.num_layers * layer + embed + d + (d if self.smear else 0)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
@@ -151,6 +164,7 @@ class ModelConfig:
             dtype=dtype if dtype in DTYPES else "float32",
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            smear=bool(hf.get(SMEAR_KEY, False)),
         )
         fields.update(overrides)
         return cls(**fields)
@@ -188,6 +202,8 @@ class ModelConfig:
         }
         if self.family == "qwen3":
             hf["attention_bias"] = False
+        if self.smear:  # transformers ignores the key (and the gate): ctu loads it only
+            hf[SMEAR_KEY] = True
         return hf
 
 

@@ -30,6 +30,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers some exporters write that carry no parameters.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+SMEAR_TENSOR = "model.embed_smear.weight"
 
 
 def _weight_table(config: ModelConfig) -> Iterator[tuple[tuple, str, int | None]]:
@@ -42,6 +43,8 @@ def _weight_table(config: ModelConfig) -> Iterator[tuple[tuple, str, int | None]
     """
     yield ("embed",), "model.embed_tokens.weight", 0
     yield ("final_norm", "scale"), "model.norm.weight", None
+    if config.smear:  # a ctu extension (ModelConfig.smear); transformers ignores it
+        yield ("smear",), SMEAR_TENSOR, None
     if not config.tie_word_embeddings:
         yield ("lm_head",), "lm_head.weight", 1
     for i in range(config.num_layers):
@@ -183,6 +186,8 @@ def to_hf(
     The folder is written to a temporary sibling and renamed into place, replacing
     `path` whole (write tokenizer files afterwards). `dtype` defaults to the param dtype.
     Above `max_shard_bytes` the weights are split into files with an index.
+    A `ModelConfig.smear` model round-trips through `from_hf` only: transformers has
+    no such gate and would load it without one.
     """
     path = Path(path)
     dtype = np.dtype(_dtype_name(dtype) or config.param_dtype)

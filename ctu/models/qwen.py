@@ -201,6 +201,11 @@ class Qwen(nnx.Module):
         self.embed = _param(rngs, (v, d), rules.embed_vd, config.jnp_param_dtype)
         self.layers = nnx.List([Block(config, rules, rngs=rngs) for _ in range(config.num_layers)])
         self.final_norm = RMSNorm(d, rules.norm_d, config, rngs=rngs)
+        if config.smear:  # ModelConfig.smear: the gate on the previous token's embedding
+            ones = nnx.initializers.ones
+            self.smear = _param(rngs, (d,), rules.norm_d, config.jnp_param_dtype, ones)
+        else:
+            self.smear = None
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -228,6 +233,13 @@ class Qwen(nnx.Module):
         # Gather from a table whole along d (as FSDP gathers every weight before use).
         table = shard(self.embed[...], self.rules.embed_lookup_vd)
         x = jnp.take(table, tokens, axis=0).astype(dtype)
+        if self.smear is not None:
+            if cache is None:
+                before = jnp.pad(tokens[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+            else:
+                cache, before = cache.previous_tokens(tokens, positions)
+            previous = jnp.take(table, jnp.maximum(before, 0), axis=0).astype(dtype)
+            x = x + jnp.where(before[..., None] >= 0, previous, 0) * self.smear[...].astype(dtype)
         x = shard(x, self.rules.act_btd)
         rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         for layer, block in enumerate(self.layers):

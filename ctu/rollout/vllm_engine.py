@@ -82,6 +82,12 @@ class VllmEngine:
         seed: int = 0,
         **llm_kwargs,
     ):
+        if model_config.smear:
+            raise ValueError(
+                "model.smear=True: vLLM runs the Hugging Face architecture, which has no "
+                "smear gate, so it would sample from a different policy; use "
+                "rollout.engine=jax for a smear model."
+            )
         self._vllm, self._inputs = import_vllm()
         self.model_dir = str(model_dir)
         self.model_config = model_config
