@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging as std_logging
 import os
 from typing import Any
 
@@ -173,15 +174,18 @@ def checkpoint_steps(workdir: str) -> list[int]:
 def _reader(directory: str):
     """A read-only orbax manager of a run's checkpoints. orbax logs every step of a read
     (and warns that read-only managers do not save); only its errors are let through."""
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity(logging.ERROR)
+    # The absl logger's own level, restored exactly: absl's verbosity round trip would
+    # leave an explicit WARNING where the level was unset (and INFO reached handlers).
+    absl_logger = logging.get_absl_logger()
+    level = absl_logger.level
+    absl_logger.setLevel(std_logging.ERROR)
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     manager = ocp.CheckpointManager(directory, options=options, item_names=checkpoint_lib.ITEMS)
     try:
         yield manager
     finally:
         manager.close()
-        logging.set_verbosity(verbosity)
+        absl_logger.setLevel(level)
 
 
 def _choose_step(workdir: str, step: int | None) -> int:
