@@ -431,9 +431,15 @@ def warm_start(
             writer.write_scalars(step, scalars)
             log(f"warm start step {step}/{config.steps}: loss {scalars['sft/loss']:.3f}")
     copying = copy_accuracy(model, tokenizer, world, world_split_for_probe(world), seed=seed)
+    kinds = sorted(k.split("/")[1] for k in copying if k.count("/") == 1)
     log(
         "warm start: teacher-forced copying on held-out episodes: "
-        + ", ".join(f"{k.split('/')[1]} {v:.0%}" for k, v in sorted(copying.items()))
+        + ", ".join(
+            f"{kind} {copying[f'copy/{kind}']:.0%} (first token "
+            f"{copying[f'copy/{kind}/first_token']:.0%}, later tokens "
+            f"{copying.get(f'copy/{kind}/later_tokens', float('nan')):.0%})"
+            for kind in kinds
+        )
     )
     writer.write_scalars(
         config.steps,

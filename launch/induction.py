@@ -22,6 +22,9 @@ from ctu.rl.train_step import add_cpu_xla_flags
 _MODEL = flags.DEFINE_string("model", "tiny", "A ctu.models preset.")
 _QK_NORM = flags.DEFINE_enum("qk_norm", "preset", ["preset", "on", "off"], "q/k RMSNorm.")
 _SMEAR = flags.DEFINE_bool("smear", False, "ModelConfig.smear: add the previous embedding.")
+_VOCAB_SIZE = flags.DEFINE_integer(
+    "vocab_size", None, "The model's vocabulary (default: the preset's; grown to fit the task)."
+)
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds, one fresh model each.")
 _VOCAB = flags.DEFINE_integer("vocab", 64, "Distinct random tokens.")
 _LENGTH = flags.DEFINE_integer("length", 64, "Sequence length.")
@@ -44,6 +47,8 @@ def main(argv):
     if _QK_NORM.value != "preset":
         model_config = dataclasses.replace(model_config, qk_norm=_QK_NORM.value == "on")
     model_config = dataclasses.replace(model_config, smear=_SMEAR.value)
+    if _VOCAB_SIZE.value is not None:
+        model_config = dataclasses.replace(model_config, vocab_size=_VOCAB_SIZE.value)
     try:
         seeds = [int(s) for s in _SEEDS.value]
     except ValueError:

@@ -33,7 +33,10 @@ def test_a_perfect_next_token_model_copies_everything(world_and_tokenizer):
     scores = copy_probe.copy_accuracy(
         _NextTokenOracle(len(tokenizer)), tokenizer, world, "val", num_tasks=4
     )
-    assert set(scores) == {"copy/company_name", "copy/phone_number", "copy/auth_values"}
+    kinds = {"copy/company_name", "copy/phone_number", "copy/auth_values"}
+    assert kinds <= set(scores)
+    assert {f"{k}/first_token" for k in kinds} <= set(scores)
+    assert "copy/company_name/later_tokens" in scores
     assert all(v == 1.0 for v in scores.values())
 
 
@@ -68,6 +71,10 @@ def test_one_wrong_token_fails_only_its_value(world_and_tokenizer):
     model = _NextTokenOracle(len(tokenizer), wrong_at=[at + len(ids) - 2])
     scores = copy_probe.copy_accuracy(model, tokenizer, world, "val", num_tasks=1)
     assert scores["copy/company_name"] == 0.0
+    assert scores["copy/company_name/first_token"] == 1.0
+    later = len(ids) - 1
+    assert later >= 1  # a name of one token would have no later tokens
+    assert scores["copy/company_name/later_tokens"] == pytest.approx((later - 1) / later)
     assert scores["copy/auth_values"] == 1.0
 
 

@@ -75,8 +75,10 @@ def copy_accuracy(
     """Fraction of copied argument values (company name, phone number, auth values)
     that the model reproduces exactly under teacher forcing on heuristic episodes.
 
-    Returns `{"copy/company_name": f, "copy/phone_number": f, "copy/auth_values": f}`;
-    a kind with no value in the episodes is left out.
+    Returns `{"copy/company_name": f, "copy/phone_number": f, "copy/auth_values": f}`
+    and, per kind, the fraction of first tokens right (`copy/KIND/first_token`) and of
+    the tokens after the first (`copy/KIND/later_tokens`, the part the value's own
+    first token locates, by induction); a kind with no value in the episodes is left out.
     """
     from ctu.sft import record_episode  # ctu.sft reports this probe after a warm start
 
@@ -103,8 +105,14 @@ def copy_accuracy(
                 at = _find_in_agent_turns(tokens, mask, ids, cursor) if ids else -1
                 if at < 0:
                     continue  # tokenized differently inside the call (or empty): not counted
-                totals[kind] += 1
                 # predicted[t] is the model's choice for token t + 1.
-                hits[kind] += bool(np.array_equal(predicted[at - 1 : at - 1 + len(ids)], ids))
+                right = predicted[at - 1 : at - 1 + len(ids)] == np.asarray(ids)
+                totals[kind] += 1
+                hits[kind] += bool(right.all())
+                totals[f"{kind}/first_token"] += 1
+                hits[f"{kind}/first_token"] += bool(right[0])
+                if len(ids) > 1:
+                    totals[f"{kind}/later_tokens"] += len(ids) - 1
+                    hits[f"{kind}/later_tokens"] += int(right[1:].sum())
                 cursor = at + len(ids)
     return {f"copy/{kind}": hits[kind] / totals[kind] for kind in totals}
