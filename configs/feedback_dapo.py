@@ -38,9 +38,10 @@ def get_config(arg=None):
     config.model.init = "scratch"  # scratch | hf:PATH (a Hugging Face folder)
     config.model.dtype = "float32"
     config.model.param_dtype = "float32"
-    # Add the previous token's embedding to each token's (ModelConfig.smear): a model
-    # trained from scratch copies by content far sooner. Presets only; HF has no such gate.
-    config.model.smear = False
+    # Add the embeddings of this many preceding tokens to each token's, through learned
+    # gates (ModelConfig.smear): a model trained from scratch copies by content far
+    # sooner. Presets only; HF has no such gates. 0: off.
+    config.model.smear = 0
     # "" builds a BPE tokenizer from the world into WORKDIR/tokenizer; else a HF folder.
     config.model.tokenizer = ""
     config.model.tokenizer_vocab_size = 2048

@@ -90,9 +90,12 @@ class RunSettings:
         init = self.model["init"]
         if init != "scratch" and not init.startswith("hf:"):
             raise ValueError(f"model.init={init!r}: use 'scratch' or 'hf:PATH'.")
-        if self.model.get("smear") and init != "scratch":
+        smear = self.model.get("smear", 0)
+        if isinstance(smear, float) or int(smear) < 0:
+            raise ValueError(f"model.smear={smear!r}: the number of preceding tokens, an int >= 0.")
+        if smear and init != "scratch":
             raise ValueError(
-                f"model.smear=True with model.init={init!r}: a checkpoint's config.json says "
+                f"model.smear={smear} with model.init={init!r}: a checkpoint's config.json says "
                 "whether it smears; set model.smear only for a preset trained from scratch."
             )
 

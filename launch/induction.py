@@ -2,13 +2,13 @@ r"""How many updates does a model preset need to learn copying by content?
 
   python -m launch.induction --model=tiny --seeds=0,1,2 --out=induction.json
   python -m launch.induction --model=tiny --qk_norm=off --out=induction_no_qk_norm.json
-  python -m launch.induction --model=tiny --smear --learning_rate=3e-3 --out=smear.json
+  python -m launch.induction --model=tiny --smear=1 --learning_rate=3e-3 --out=smear.json
 
 Trains fresh models on the variable-offset copy task of `ctu.analysis.induction` (a
 random span repeated at a random place, so only content says where it came from) and
 writes each seed's loss curve and the first logged step whose loss is below half of
 chance. `--qk_norm=off` removes the q/k RMSNorm of a Qwen3 preset (Qwen2-style
-attention) to measure what it costs; `--smear` adds the previous token's embedding
+attention) to measure what it costs; `--smear=N` adds the N previous tokens' embeddings
 to each token's (`ModelConfig.smear`).
 """
 
@@ -21,7 +21,7 @@ from ctu.rl.train_step import add_cpu_xla_flags
 
 _MODEL = flags.DEFINE_string("model", "tiny", "A ctu.models preset.")
 _QK_NORM = flags.DEFINE_enum("qk_norm", "preset", ["preset", "on", "off"], "q/k RMSNorm.")
-_SMEAR = flags.DEFINE_bool("smear", False, "ModelConfig.smear: add the previous embedding.")
+_SMEAR = flags.DEFINE_integer("smear", 0, "ModelConfig.smear: preceding embeddings added.")
 _VOCAB_SIZE = flags.DEFINE_integer(
     "vocab_size", None, "The model's vocabulary (default: the preset's; grown to fit the task)."
 )

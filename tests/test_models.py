@@ -177,13 +177,14 @@ class KVCacheTest(chex.TestCase):
         with self.assertRaisesRegex(ValueError, "grow"):
             cache.grow(3)
 
-    @parameterized.named_parameters(("plain", False), ("smear", True))
+    @parameterized.named_parameters(("plain", 0), ("smear", 1), ("smear3", 3))
     def test_ragged_prefill_decode_and_continuation(self, smear):
         """Right-padded ragged prefill, token-by-token decode, then a ragged chunk.
 
-        A smear model's calls must find each chunk's first predecessor in the cache."""
+        A smear model's calls must find each chunk's first predecessors in the cache
+        (with width 3 they reach back across the 1-token decode chunks)."""
         if smear:
-            self.config = dataclasses.replace(self.config, smear=True)
+            self.config = dataclasses.replace(self.config, smear=smear)
             self.model = toys.tiny_model(self.config, weight_scale=4.0)
         prompt_lens, decode_steps, chunk_lens = [7, 3, 1], 4, [2, 5, 3]
         rows = [list(self.rng.integers(1, 128, n)) for n in prompt_lens]
@@ -237,13 +238,15 @@ class KVCacheTest(chex.TestCase):
         np.testing.assert_array_equal(written[1], 0)
 
     def test_smear_cache_keeps_token_ids_through_window_and_grow(self):
-        config = dataclasses.replace(self.config, smear=True)
+        config = dataclasses.replace(self.config, smear=1)
         tokens = jnp.asarray([[5, 6, 7], [8, 9, 10]], jnp.int32)
         cache = KVCache.init(config, batch=2, max_len=4)
         positions = jnp.asarray([[0, 1, 2], [1, 2, -1]], jnp.int32)
+        _, two_back = cache.previous_tokens(tokens, positions, width=2)
         cache, before = cache.previous_tokens(tokens, positions)
         np.testing.assert_array_equal(cache.tokens, [[5, 6, 7, 0], [0, 8, 9, 0]])
-        np.testing.assert_array_equal(before, [[-1, 5, 6], [0, 8, -1]])
+        np.testing.assert_array_equal(before[..., 0], [[-1, 5, 6], [0, 8, -1]])
+        np.testing.assert_array_equal(two_back[..., 1], [[-1, -1, 5], [-1, 0, -1]])
         np.testing.assert_array_equal(cache.grow(6).tokens[:, 4:], 0)
         np.testing.assert_array_equal(cache.window(2).tokens, [[5, 6], [0, 8]])
         self.assertIsNone(KVCache.init(self.config, batch=1, max_len=4).tokens)
@@ -253,7 +256,7 @@ class KVCacheTest(chex.TestCase):
     def test_smear_adds_the_previous_embedding_only(self):
         """With the gate at 0 a smear model is the plain model; the first token has no
         predecessor, so it never changes; later ones do."""
-        config = dataclasses.replace(self.config, smear=True)
+        config = dataclasses.replace(self.config, smear=1)
         model = toys.tiny_model(config, weight_scale=4.0)
         plain = toys.tiny_model(self.config, weight_scale=4.0)
         tokens = jnp.asarray(self.rng.integers(1, 128, (2, 9)), jnp.int32)
@@ -265,6 +268,26 @@ class KVCacheTest(chex.TestCase):
         model.smear.set_value(jnp.zeros_like(model.smear[...]))
         np.testing.assert_allclose(forward(model, tokens), forward(plain, tokens), atol=1e-5)
         self.assertEqual(config.num_params(), self.config.num_params() + config.hidden_size)
+
+    def test_wider_smear_with_only_the_first_gate_open_is_the_width_one_smear(self):
+        """Width 3 with the gates of 2 and 3 tokens back at 0 is width 1 with the same
+        first gate; opening the third gate changes outputs from position 3 on only."""
+        narrow = toys.tiny_model(dataclasses.replace(self.config, smear=1), weight_scale=4.0)
+        wide = toys.tiny_model(dataclasses.replace(self.config, smear=3), weight_scale=4.0)
+        gate = jnp.linspace(0.5, 1.5, self.config.hidden_size)
+        narrow.smear.set_value(gate[None])
+        wide.smear.set_value(jnp.stack([gate, 0 * gate, 0 * gate]))
+        tokens = jnp.asarray(self.rng.integers(1, 128, (2, 9)), jnp.int32)
+        np.testing.assert_allclose(forward(wide, tokens), forward(narrow, tokens), atol=1e-5)
+        wide.smear.set_value(jnp.stack([gate, 0 * gate, gate]))
+        opened = forward(wide, tokens)
+        np.testing.assert_allclose(opened[:, :3], forward(narrow, tokens)[:, :3], atol=1e-5)
+        self.assertGreater(float(jnp.abs(opened[:, 3:] - forward(narrow, tokens)[:, 3:]).min()), 0)
+        self.assertEqual(
+            wide.config.num_params(), self.config.num_params() + 3 * self.config.hidden_size
+        )
+        with self.assertRaisesRegex(ValueError, "smear=-1"):
+            dataclasses.replace(self.config, smear=-1)
 
     def test_positions_required_with_cache(self):
         cache = KVCache.init(self.config, batch=1, max_len=4)

@@ -86,12 +86,12 @@ class HFParityTest(chex.TestCase):
         np.testing.assert_array_equal(_torch_logits(reloaded, tokens), want)
 
     def test_smear_round_trips_through_our_loader(self):
-        config = toys.tiny_model_config(vocab_size=97, smear=True)
+        config = toys.tiny_model_config(vocab_size=97, smear=2)
         model = toys.tiny_model(config)
-        model.smear.set_value(jnp.linspace(-1.0, 1.0, config.hidden_size))
+        model.smear.set_value(jnp.linspace(-1.0, 1.0, 2 * config.hidden_size).reshape(2, -1))
         path = os.path.join(self.dir, "smear")
         to_hf(model, config, path)
-        self.assertTrue(json.loads(open(os.path.join(path, "config.json")).read())["ctu_smear"])
+        self.assertEqual(json.loads(open(os.path.join(path, "config.json")).read())["ctu_smear"], 2)
         again, config_again = from_hf(path)
         self.assertEqual(config_again, config)
         for leaf, value in _leaves(model).items():

@@ -27,7 +27,7 @@ def _batch(vocab: int, seed: int = 0):
 @pytest.mark.parametrize("family", ["qwen3", "qwen2", "smear"])
 def test_log_probs_match_the_plain_forward_after_the_prefix(family):
     config = toys.tiny_model_config(
-        qkv_bias=family == "qwen2", qk_norm=family != "qwen2", smear=family == "smear"
+        qkv_bias=family == "qwen2", qk_norm=family != "qwen2", smear=2 if family == "smear" else 0
     )
     model = toys.tiny_model(config, weight_scale=3.0)
     tokens, _ = _batch(config.vocab_size)

@@ -86,7 +86,7 @@ def test_missing_vllm_says_what_to_do(monkeypatch, tmp_path, model):
 
 
 def test_a_smear_model_is_refused(fake_vllm, tmp_path, model):
-    config = dataclasses.replace(model.config, smear=True)
+    config = dataclasses.replace(model.config, smear=1)
     with pytest.raises(ValueError, match="rollout.engine=jax for a smear model"):
         VllmEngine(tmp_path, config, SamplingConfig())
 

@@ -24,7 +24,7 @@ GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=16)
 TOP_1 = SamplingConfig(top_k=1, max_new_tokens=16)
 
 
-def _peaked_tiny_model(seed: int = 0, smear: bool = False) -> Qwen:
+def _peaked_tiny_model(seed: int = 0, smear: int = 0) -> Qwen:
     """The tiny preset with weights scaled up, so next-token distributions are peaked."""
     config = ModelConfig.preset("tiny", vocab_size=VOCAB, smear=smear)
     model = Qwen(config, rngs=nnx.Rngs(seed))
@@ -44,7 +44,7 @@ def _forward_logprobs(graphdef, state, tokens):
 
 
 class SamplerTest(chex.TestCase):
-    SMEAR = False
+    SMEAR = 0
 
     @classmethod
     def setUpClass(cls):
@@ -245,9 +245,9 @@ class SamplerTest(chex.TestCase):
 
 class SmearSamplerTest(SamplerTest):
     """Every sampler check again on a `ModelConfig.smear` model, whose calls read the
-    token before each chunk from the cache: prefill pieces, decode loops, KV windows."""
+    tokens before each chunk from the cache: prefill pieces, decode loops, KV windows."""
 
-    SMEAR = True
+    SMEAR = 2
 
 
 if __name__ == "__main__":

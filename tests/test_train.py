@@ -70,10 +70,14 @@ def test_bad_values_are_errors_that_name_the_key(key, value, match):
 
 def test_smear_is_for_presets_trained_from_scratch():
     config = feedback_dapo.get_config()
-    config.model.smear = True
-    assert run_config.settings_from_config(config).model["smear"]
+    config.model.smear = 2
+    assert run_config.settings_from_config(config).model["smear"] == 2
+    config.model.smear = -1
+    with pytest.raises(ValueError, match="model.smear=-1: the number of preceding tokens"):
+        run_config.settings_from_config(config)
+    config.model.smear = 1
     config.model.init = "hf:/some/checkpoint"
-    with pytest.raises(ValueError, match="model.smear=True with model.init='hf:/some/checkpoint'"):
+    with pytest.raises(ValueError, match="model.smear=1 with model.init='hf:/some/checkpoint'"):
         run_config.settings_from_config(config)
 
 
@@ -236,11 +240,11 @@ def test_smoke_run_with_smear_and_the_copy_task(tmp_path):
     rollouts and updates through its KV caches."""
     config = feedback_dapo.get_config("smoke")
     config.total_steps = 1
-    config.model.smear = True
+    config.model.smear = 2
     config.warm_start.induction_steps = 3
     last = train.train_and_evaluate(config, str(tmp_path))
     assert math.isfinite(last["loss"]) and math.isfinite(last["grad_norm"])
     with open(tmp_path / "warm_start" / "config.json") as f:
-        assert json.load(f)["ctu_smear"] is True
+        assert json.load(f)["ctu_smear"] == 2
     rows = read_jsonl(str(tmp_path / "warm_start_logs" / "metrics.jsonl"))
     assert [r["step"] for r in rows if "warm_start/copy_task_loss" in r] == [3]

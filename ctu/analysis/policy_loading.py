@@ -228,7 +228,7 @@ def _model_config(settings: RunSettings, vocab_size: int) -> ModelConfig:
         with open(hf_config, encoding="utf-8") as f:
             return ModelConfig.from_hf_dict(json.load(f), **dtypes)
     # Runs from before `model.smear` existed have no such key.
-    smear = bool(model.get("smear", False))
+    smear = int(model.get("smear", 0))
     return ModelConfig.preset(model["preset"], vocab_size=vocab_size, smear=smear, **dtypes)
 
 

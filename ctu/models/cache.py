@@ -30,7 +30,7 @@ class KVCache:
 
     `tokens` `[batch, max_len]` int32, only for a `ModelConfig.smear` model (else None):
     the token id in each slot, written by the same rule, from which a call finds the
-    predecessor of its first token.
+    predecessors of its first tokens.
     """
 
     k: tuple[jax.Array, ...]
@@ -94,15 +94,18 @@ class KVCache:
             v=(*self.v[:layer], new_v, *self.v[layer + 1 :]),
         )
 
-    def previous_tokens(self, tokens: jax.Array, positions: jax.Array):
+    def previous_tokens(self, tokens: jax.Array, positions: jax.Array, width: int = 1):
         """Writes `tokens` `[B, T]` into slots `positions` and returns the cache with
-        the token ids before each, `[B, T]` (-1 at position 0: no predecessor)."""
+        the ids of the `width` tokens before each, `[B, T, width]` (`[..., k]` is k + 1
+        places before; -1 where that is before position 0)."""
         if self.tokens is None:
             raise ValueError("this KVCache keeps no token ids: init it for a smear model.")
         slots, rows = self._slots(positions)
         written = self.tokens.at[rows, slots].set(tokens, mode="drop")
-        before = jnp.take_along_axis(written, jnp.clip(positions - 1, 0, self.max_len - 1), 1)
-        return self.replace(tokens=written), jnp.where(positions > 0, before, -1)
+        back = positions[..., None] - jnp.arange(1, width + 1, dtype=positions.dtype)
+        slot = jnp.clip(back, 0, self.max_len - 1).reshape(self.batch, -1)
+        before = jnp.take_along_axis(written, slot, 1).reshape(back.shape)
+        return self.replace(tokens=written), jnp.where(back >= 0, before, -1)
 
     def _slots(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         # Negative positions would wrap around; send them out of range so they drop.

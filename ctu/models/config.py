@@ -27,15 +27,18 @@ class ModelConfig:
     Qwen3 (RMSNorm over head_dim on queries and keys before RoPE).
     `param_dtype` is the storage dtype of the weights, `dtype` the compute dtype.
 
-    `smear` (not in any Hugging Face model; off in every preset) adds to each token's
-    embedding the previous token's, scaled by a learned per-channel gate (initialised
-    to 1). Every position then carries its predecessor from the start, so a single
-    attention layer can match "the token before you is my token" and copy by content
-    (the circuit a standard model must first build from a previous-token head and an
-    induction head; Olsson et al. 2022, "smeared keys"). It is for models trained from
-    scratch, where that circuit is slow to form (docs/results.md §1). A cached call
-    keeps the token ids per slot (`KVCache.tokens`) to find the predecessor of its
-    first token.
+    `smear` (not in any Hugging Face model; 0, off, in every preset) is the number of
+    preceding tokens whose embeddings are added to each token's, each scaled by a learned
+    per-channel gate (initialised to 1): a causal depthwise convolution over the
+    embeddings (the "short convolution" of H3 and Mamba; Allen-Zhu's "Canon layers").
+    Every position then carries its predecessors from the start, so a single attention
+    layer can match "the tokens before you are my tokens" and copy by content (the
+    circuit a standard model must first build from a previous-token head and an
+    induction head; Olsson et al. 2022, "smeared keys"), or find a value by the word
+    that names it a few tokens before (`call`, ` `, `Ironwood`). It is for models trained
+    from scratch, where that circuit is slow to form (docs/results.md §1). A cached call
+    keeps the token ids per slot (`KVCache.tokens`) to find the predecessors of its first
+    tokens. `True` means 1.
     """
 
     family: str
@@ -56,9 +59,14 @@ class ModelConfig:
     dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_id: int | None = None
-    smear: bool = False
+    smear: int = 0
 
     def __post_init__(self):
+        object.__setattr__(self, "smear", int(self.smear))  # True (older configs) is 1
+        if self.smear < 0:
+            raise ValueError(
+                f"ModelConfig.smear={self.smear}: the number of preceding tokens, >= 0."
+            )
         if self.family not in FAMILIES:
             raise ValueError(f"ModelConfig.family={self.family!r}: use one of {FAMILIES}.")
         for name in (
@@ -110,7 +118,7 @@ class ModelConfig:
             attn += 2 * h
         layer = attn + 3 * d * f + 2 * d
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * layer + embed + d + (d if self.smear else 0)
+        return self.num_layers * layer + embed + d + self.smear * d
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
@@ -164,7 +172,7 @@ class ModelConfig:
             dtype=dtype if dtype in DTYPES else "float32",
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
-            smear=bool(hf.get(SMEAR_KEY, False)),
+            smear=int(hf.get(SMEAR_KEY, 0)),
         )
         fields.update(overrides)
         return cls(**fields)
@@ -203,7 +211,7 @@ class ModelConfig:
         if self.family == "qwen3":
             hf["attention_bias"] = False
         if self.smear:  # transformers ignores the key (and the gate): ctu loads it only
-            hf[SMEAR_KEY] = True
+            hf[SMEAR_KEY] = self.smear
         return hf
 
 

@@ -44,7 +44,7 @@ def _weight_table(config: ModelConfig) -> Iterator[tuple[tuple, str, int | None]
     yield ("embed",), "model.embed_tokens.weight", 0
     yield ("final_norm", "scale"), "model.norm.weight", None
     if config.smear:  # a ctu extension (ModelConfig.smear); transformers ignores it
-        yield ("smear",), SMEAR_TENSOR, None
+        yield ("smear",), SMEAR_TENSOR, 0
     if not config.tie_word_embeddings:
         yield ("lm_head",), "lm_head.weight", 1
     for i in range(config.num_layers):

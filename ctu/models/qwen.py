@@ -201,9 +201,10 @@ class Qwen(nnx.Module):
         self.embed = _param(rngs, (v, d), rules.embed_vd, config.jnp_param_dtype)
         self.layers = nnx.List([Block(config, rules, rngs=rngs) for _ in range(config.num_layers)])
         self.final_norm = RMSNorm(d, rules.norm_d, config, rngs=rngs)
-        if config.smear:  # ModelConfig.smear: the gate on the previous token's embedding
+        if config.smear:  # ModelConfig.smear: a gate per preceding token's embedding
             ones = nnx.initializers.ones
-            self.smear = _param(rngs, (d,), rules.norm_d, config.jnp_param_dtype, ones)
+            shape, axes = (config.smear, d), (None, *rules.norm_d)
+            self.smear = _param(rngs, shape, axes, config.jnp_param_dtype, ones)
         else:
             self.smear = None
         if config.tie_word_embeddings:
@@ -234,12 +235,17 @@ class Qwen(nnx.Module):
         table = shard(self.embed[...], self.rules.embed_lookup_vd)
         x = jnp.take(table, tokens, axis=0).astype(dtype)
         if self.smear is not None:
-            if cache is None:
-                before = jnp.pad(tokens[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+            width = self.config.smear
+            if cache is None:  # before[b, t, k]: the token k + 1 places before (-1: none)
+                padded = jnp.pad(tokens, ((0, 0), (width, 0)), constant_values=-1)
+                before = jnp.stack(
+                    [padded[:, width - k - 1 : width - k - 1 + length] for k in range(width)], -1
+                )
             else:
-                cache, before = cache.previous_tokens(tokens, positions)
+                cache, before = cache.previous_tokens(tokens, positions, width)
             previous = jnp.take(table, jnp.maximum(before, 0), axis=0).astype(dtype)
-            x = x + jnp.where(before[..., None] >= 0, previous, 0) * self.smear[...].astype(dtype)
+            gates = jnp.where(before[..., None] >= 0, self.smear[...].astype(dtype), 0)
+            x = x + jnp.sum(previous * gates, axis=2)
         x = shard(x, self.rules.act_btd)
         rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         for layer, block in enumerate(self.layers):

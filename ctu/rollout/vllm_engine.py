@@ -84,8 +84,8 @@ class VllmEngine:
     ):
         if model_config.smear:
             raise ValueError(
-                "model.smear=True: vLLM runs the Hugging Face architecture, which has no "
-                "smear gate, so it would sample from a different policy; use "
+                f"model.smear={model_config.smear}: vLLM runs the Hugging Face architecture, "
+                "which has no smear gates, so it would sample from a different policy; use "
                 "rollout.engine=jax for a smear model."
             )
         self._vllm, self._inputs = import_vllm()
