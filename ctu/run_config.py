@@ -132,6 +132,8 @@ def settings_from_config(config) -> RunSettings:
         # learner keeps the sampler's log-probs for `guided` rows (trained under the
         # original prompt, sampled under the critique).
         recompute_old_logp=True,
+        # Log-probs of the distribution the rollouts were drawn from (greedy: the raw one).
+        temperature=roll.temperature if roll.temperature > 0 else 1.0,
         optim=OptimConfig(
             learning_rate=opt.learning_rate,
             warmup_steps=opt.warmup_steps,

@@ -74,6 +74,40 @@ class TokenLogpTest(chex.TestCase):
         np.testing.assert_allclose(entropy, want_entropy, atol=1e-5)
 
 
+class TemperatureTest(chex.TestCase):
+    def test_the_learner_scores_what_a_tempered_sampler_drew(self):
+        """Tokens sampled at temperature 0.6 carry the sampler's log-probs; a learner
+        told that temperature recomputes them exactly, one left at 1 does not."""
+        from ctu.sampling import SamplingConfig, Session
+
+        mesh = _mesh()
+        learner = _learner(mesh, temperature=0.6, num_micro_batches=1)
+        plain = train_step.Learner(
+            dataclasses.replace(learner.config, temperature=1.0), learner.model, mesh
+        )
+        sampling = SamplingConfig(temperature=0.6, max_new_tokens=12)
+        session = Session(learner.model, batch_size=2, max_len=32, sampling=sampling)
+        prompts = [[3, 5, 7, 9], [11, 2]]
+        out = session.generate(prompts, nnx.state(learner.model), jax.random.key(0))
+        tokens = np.zeros((2, 32), np.int32)
+        for row, prompt in enumerate(prompts):
+            history = prompt + out.row_tokens(row)
+            tokens[row, : len(history)] = history
+        tempered = np.asarray(learner.compute_logp(jnp.asarray(tokens)))
+        raw = np.asarray(plain.compute_logp(jnp.asarray(tokens)))
+        for row, prompt in enumerate(prompts):
+            span = slice(len(prompt), len(prompt) + out.num_tokens[row])
+            np.testing.assert_allclose(tempered[row, span], out.row_logprobs(row), atol=1e-4)
+            self.assertGreater(np.abs(raw[row, span] - out.row_logprobs(row)).max(), 1e-2)
+        # The update's forward divides by the same temperature: recomputed behaviour
+        # log-probs give ratio 1 on the first mini-batch.
+        first = learner.train_step(learner.prepare(learner.shard_batch(_batch(0))), jnp.arange(8))
+        self.assertAlmostEqual(float(first["ratio/mean"]), 1.0, places=5)
+        self.assertLess(float(first["approx_kl_old"]), 1e-9)
+        with self.assertRaisesRegex(ValueError, "train.temperature must be > 0"):
+            train_step.TrainConfig(temperature=0.0)
+
+
 class SharedLearnerTest(chex.TestCase):
     """Tests that share one DAPO learner (compiling a learner takes seconds)."""
 

@@ -68,6 +68,14 @@ def test_bad_values_are_errors_that_name_the_key(key, value, match):
         run_config.settings_from_config(config)
 
 
+def test_the_learner_takes_the_rollout_temperature():
+    config = feedback_dapo.get_config()
+    config.rollout.temperature = 0.7
+    assert run_config.settings_from_config(config).train.temperature == 0.7
+    config.rollout.temperature = 0.0  # greedy rollouts report the raw log-probs
+    assert run_config.settings_from_config(config).train.temperature == 1.0
+
+
 def test_smear_is_for_presets_trained_from_scratch():
     config = feedback_dapo.get_config()
     config.model.smear = 2

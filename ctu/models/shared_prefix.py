@@ -47,16 +47,19 @@ def shared_prefix_logits(model, tokens: jax.Array, prefix_len: int) -> jax.Array
 
 
 def shared_prefix_token_logp_and_entropy(
-    model, tokens: jax.Array, prefix_len: int
+    model, tokens: jax.Array, prefix_len: int, temperature: float = 1.0
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token log-probs and entropies `[B, T]` aligned with `tokens`
     (docs/architecture.md: the value at t is about token t, predicted at t - 1),
-    0 before `prefix_len`; with prefix_len 0, the plain forward."""
+    0 before `prefix_len`; with prefix_len 0, the plain forward.
+
+    `temperature` divides the logits first: the distribution a sampler at that
+    temperature draws from, whose log-probs it reports as the behaviour's."""
     if prefix_len == 0:
         logits, start = model(tokens)[:, :-1], 1
     else:
         logits, start = shared_prefix_logits(model, tokens, prefix_len)[:, :-1], prefix_len
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
     logp = jnp.take_along_axis(log_probs, tokens[:, start:, None], axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
     pad = ((0, 0), (start, 0))

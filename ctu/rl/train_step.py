@@ -83,6 +83,10 @@ class TrainConfig:
       optim: optimizer settings.
       peak_flops_per_device: FLOP/s for `perf/mfu` when the device is not in
         ctu.metrics.PEAK_BF16_FLOPS (e.g. a CPU); None reports null there.
+      temperature: the rollouts' sampling temperature. Every log-prob the learner
+        computes (policy, recomputed behaviour, reference) divides the logits by it,
+        so it is of the distribution the sampler drew from and reported (the JAX
+        sampler and vLLM's processed log-probs alike); 1 for plain or greedy sampling.
     """
 
     loss: str = "dapo"
@@ -95,6 +99,7 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 3
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     peak_flops_per_device: float | None = None
+    temperature: float = 1.0
 
     def __post_init__(self):
         # Validates the loss name and its settings (raises ValueError naming them).
@@ -107,6 +112,11 @@ class TrainConfig:
             raise ValueError(
                 "train.max_consecutive_nonfinite must be >= 1, got "
                 f"{self.max_consecutive_nonfinite}"
+            )
+        if not self.temperature > 0:
+            raise ValueError(
+                f"train.temperature must be > 0 (the rollouts' sampling temperature; 1 for "
+                f"greedy rollouts), got {self.temperature!r}"
             )
         if not isinstance(self.optim, OptimConfig):
             raise TypeError(f"train.optim must be an OptimConfig, got {type(self.optim)}")
@@ -271,7 +281,7 @@ def mini_batch_gradients(
 
     def micro_loss(params, micro):
         logp, entropy = shared_prefix_token_logp_and_entropy(
-            nnx.merge(graphdef, params, rest), micro.tokens, prefix_len
+            nnx.merge(graphdef, params, rest), micro.tokens, prefix_len, config.temperature
         )
         return losses.policy_loss(
             config.loss,
@@ -372,7 +382,9 @@ class Learner:
 
         def forward(chunk):
             chunk = _constrain_rows(chunk)
-            return shared_prefix_token_logp_and_entropy(model, chunk, prefix_len)[0]
+            return shared_prefix_token_logp_and_entropy(
+                model, chunk, prefix_len, self.config.temperature
+            )[0]
 
         return _merge_rows(jax.lax.map(forward, chunks))
 
