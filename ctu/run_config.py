@@ -96,7 +96,9 @@ class RunSettings:
         if smear and init != "scratch":
             raise ValueError(
                 f"model.smear={smear} with model.init={init!r}: a checkpoint's config.json says "
-                "whether it smears; set model.smear only for a preset trained from scratch."
+                "whether it smears; set model.smear only for a preset trained from scratch "
+                "(--config.model.smear=0; and --config.warm_start.induction_steps=0, as a "
+                "pretrained model copies already)."
             )
 
 

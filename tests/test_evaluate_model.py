@@ -107,7 +107,9 @@ def test_checkpoint_at_a_step_restores_what_the_trainer_saved(run_dir, tmp_path)
     # Reference: the trainer's own restore (model and optimizer) of the same step.
     settings = settings_from_config(loaded.run_config)
     mesh = sharding.make_mesh(settings.mesh)
-    config = ModelConfig.preset(settings.model["preset"], vocab_size=len(loaded.tokenizer))
+    config = ModelConfig.preset(
+        settings.model["preset"], vocab_size=len(loaded.tokenizer), smear=settings.model["smear"]
+    )
     learner = Learner(
         settings.train, sharding.create_sharded_model(config, mesh, nnx.Rngs(7)), mesh
     )

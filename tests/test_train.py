@@ -221,7 +221,10 @@ def test_smoke_run_writes_finite_metrics_checkpoints_and_warm_start(smoke_run):
     assert {0, 1, 2} <= steps
     assert any("val/success" in row and row["step"] == 0 for row in rows)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
-    assert os.path.exists(os.path.join(workdir, "warm_start", "config.json"))
+    with open(os.path.join(workdir, "warm_start", "config.json")) as f:
+        assert json.load(f)["ctu_smear"] == 3  # the tiny preset's default, saved for from_hf
+    warm_rows = read_jsonl(os.path.join(workdir, "warm_start_logs", "metrics.jsonl"))
+    assert [r["step"] for r in warm_rows if "warm_start/copy_task_loss" in r] == [3]
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["rollout"]["group_size"] == config.rollout.group_size
     assert os.listdir(os.path.join(workdir, "tensorboard"))
@@ -242,17 +245,18 @@ def test_smoke_run_resumes_from_its_workdir(smoke_run):
     assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))
 
 
-def test_smoke_run_with_smear_and_the_copy_task(tmp_path):
-    """The options a from-scratch model copies sooner with, end to end: the copy task
-    before the demonstrations, a smear warm start saved and reloaded by the HF loader,
-    rollouts and updates through its KV caches."""
+def test_smoke_run_of_a_plain_model_without_the_copy_task(tmp_path):
+    """The default smoke run has the smear and the copy task (the tiny preset's
+    defaults); this one has neither, as a pretrained model would: a plain warm start
+    saved and reloaded by the HF loader, rollouts and updates."""
     config = feedback_dapo.get_config("smoke")
+    assert config.model.smear == 3 and config.warm_start.induction_steps == 3
     config.total_steps = 1
-    config.model.smear = 2
-    config.warm_start.induction_steps = 3
+    config.model.smear = 0
+    config.warm_start.induction_steps = 0
     last = train.train_and_evaluate(config, str(tmp_path))
     assert math.isfinite(last["loss"]) and math.isfinite(last["grad_norm"])
     with open(tmp_path / "warm_start" / "config.json") as f:
-        assert json.load(f)["ctu_smear"] == 2
+        assert "ctu_smear" not in json.load(f)
     rows = read_jsonl(str(tmp_path / "warm_start_logs" / "metrics.jsonl"))
-    assert [r["step"] for r in rows if "warm_start/copy_task_loss" in r] == [3]
+    assert not [r for r in rows if "warm_start/copy_task_loss" in r]
