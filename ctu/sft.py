@@ -373,7 +373,7 @@ def warm_start(
 
     The result is saved as a Hugging Face folder (with the tokenizer), so a resumed
     run, `launch.evaluate --policy=hf:WORKDIR/warm_start` and anyone with
-    transformers can load it.
+    transformers can load it (a smear model: ctu's `from_hf` only).
     """
     out = os.path.join(workdir, WARM_START_DIR)
     if os.path.exists(os.path.join(out, "config.json")):

@@ -15,7 +15,7 @@ from absl.testing import absltest, parameterized
 from flax import nnx
 
 from ctu import sharding
-from ctu.models import from_hf, to_hf
+from ctu.models import ModelConfig, from_hf, to_hf
 from tests import toys
 
 # Different families, head counts, GQA ratios (1, 2, 3, 4), head_dim != hidden/heads, tying.
@@ -91,7 +91,13 @@ class HFParityTest(chex.TestCase):
         model.smear.set_value(jnp.linspace(-1.0, 1.0, 2 * config.hidden_size).reshape(2, -1))
         path = os.path.join(self.dir, "smear")
         to_hf(model, config, path)
-        self.assertEqual(json.loads(open(os.path.join(path, "config.json")).read())["ctu_smear"], 2)
+        hf_config = json.loads(open(os.path.join(path, "config.json")).read())
+        self.assertEqual((hf_config["ctu_smear"], hf_config["model_type"]), (2, "ctu_smear_qwen3"))
+        # transformers has no gates: it refuses the folder instead of loading another model.
+        with self.assertRaisesRegex(ValueError, "ctu_smear_qwen3"):
+            transformers.AutoModelForCausalLM.from_pretrained(path)
+        with self.assertRaisesRegex(ValueError, "without ctu_smear >= 1: the folder is damaged"):
+            ModelConfig.from_hf_dict({**hf_config, "ctu_smear": 0})
         again, config_again = from_hf(path)
         self.assertEqual(config_again, config)
         for leaf, value in _leaves(model).items():

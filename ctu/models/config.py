@@ -17,6 +17,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 _HF_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # config.json key of `ModelConfig.smear`, a ctu extension.
 SMEAR_KEY = "ctu_smear"
+# config.json model_type prefix of a smear model: a type transformers does not know.
+SMEAR_MODEL_TYPE_PREFIX = "ctu_smear_"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +131,16 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], **overrides: Any) -> ModelConfig:
-        """Reads a Hugging Face Qwen2/Qwen3 `config.json` dict (transformers 4 or 5)."""
+        """Reads a Hugging Face Qwen2/Qwen3 `config.json` dict (transformers 4 or 5), or
+        ctu's export of a smear model (`model_type` `ctu_smear_qwen3`, ...)."""
         family = hf.get("model_type")
+        if isinstance(family, str) and family.startswith(SMEAR_MODEL_TYPE_PREFIX):
+            family = family[len(SMEAR_MODEL_TYPE_PREFIX) :]
+            if not hf.get(SMEAR_KEY):
+                raise ValueError(
+                    f"config.json model_type={hf['model_type']!r} without {SMEAR_KEY} >= 1: "
+                    "the folder is damaged; export it again with ctu.models.to_hf."
+                )
         if family not in FAMILIES:
             raise ValueError(
                 f"config.json model_type={family!r} is not supported: use one of {FAMILIES}."
@@ -210,8 +220,12 @@ class ModelConfig:
         }
         if self.family == "qwen3":
             hf["attention_bias"] = False
-        if self.smear:  # transformers ignores the key (and the gate): ctu loads it only
+        if self.smear:
+            # transformers has no smear gates: it must refuse the folder, not silently
+            # load another model. An unknown model_type does that; ctu reads it back.
             hf[SMEAR_KEY] = self.smear
+            hf["model_type"] = SMEAR_MODEL_TYPE_PREFIX + self.family
+            hf["architectures"] = ["CtuSmear" + _HF_ARCHITECTURES[self.family]]
         return hf
 
 

@@ -186,8 +186,9 @@ def to_hf(
     The folder is written to a temporary sibling and renamed into place, replacing
     `path` whole (write tokenizer files afterwards). `dtype` defaults to the param dtype.
     Above `max_shard_bytes` the weights are split into files with an index.
-    A `ModelConfig.smear` model round-trips through `from_hf` only: transformers has
-    no such gate and would load it without one.
+    A `ModelConfig.smear` model round-trips through `from_hf` only: its config.json
+    says `model_type: ctu_smear_qwen3` (or `_qwen2`), which transformers refuses rather
+    than load the model without its gates.
     """
     path = Path(path)
     dtype = np.dtype(_dtype_name(dtype) or config.param_dtype)
