@@ -5,10 +5,11 @@ agent (ctu.world.agents.Heuristic) — not the oracle: the heuristic guesses aut
 fields from the department-type prior and learns routing from the phone, so RL
 still has the per-company requirements and the routing to learn.
 
-Some demonstrations read a `<previous_attempts>` block and act on it: after a
-failed first attempt, a second attempt's prompt carries the first's
-critique, and the heuristic follows what it says (the fields to add or drop,
-the department to reach first, the right department).
+Some demonstrations read a `<previous_attempts>` block and act on it: the prompt
+carries critiques of earlier failed attempts at the task (the heuristic's own, and
+the random policy's, whose malformed calls, unknown companies and missing fields are
+the failures a weak RL policy makes), and the heuristic follows what they say (the
+company, the fields to ask for, add or drop, the department to reach first).
 
 Demonstrations are token ids built token-in/token-out with the conversation
 builder, so the loss mask is 1 exactly on the agent's turns.
@@ -53,6 +54,7 @@ class WarmStartConfig:
     num_tasks: int = 0
     demos_per_task: int = 1
     feedback_demo_fraction: float = 0.3
+    feedback_demo_attempts: int = 1
     max_len: int = 1024
     context_loss_weight: float = 0.0
     # Updates on the variable-offset copy task (ctu.analysis.induction) before the
@@ -63,7 +65,7 @@ class WarmStartConfig:
     def __post_init__(self):
         if self.num_tasks < 0:
             raise ValueError(f"warm_start.num_tasks must be >= 0 (0 = all), got {self.num_tasks}")
-        for name in ("steps", "batch_size", "demos_per_task", "max_len"):
+        for name in ("steps", "batch_size", "demos_per_task", "feedback_demo_attempts", "max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"warm_start.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.feedback_demo_fraction <= 1.0:
@@ -156,44 +158,59 @@ def heuristic_demonstrations(
     *,
     seed: int = 0,
 ) -> list[Demonstration]:
-    """Heuristic episodes on `tasks`, plus feedback-reading second attempts.
+    """Heuristic episodes on `tasks`, plus feedback-reading attempts.
 
-    A failed first attempt is followed, for a `feedback_demo_fraction` of tasks,
-    by a second attempt whose prompt carries the first's critique in a
-    `<previous_attempts>` block, which the heuristic reads and acts on
-    (`agents.FeedbackHints`); it is kept only when it scores higher. Episodes
-    longer than `max_len` tokens are left out.
+    For a `feedback_demo_fraction` of tasks, a second heuristic attempt reads a
+    `<previous_attempts>` block with the critiques of 1 to `feedback_demo_attempts`
+    earlier failed attempts (the number drawn uniformly): the heuristic's own first
+    attempt when it failed, the last, after random-policy attempts
+    (`agents.RandomPolicy`), so a block looks like what RL's guided rollouts read.
+    The heuristic acts on what they say (`agents.FeedbackHints`); its attempt is kept
+    only when it scores higher than every earlier one. Episodes longer than `max_len`
+    tokens are left out.
     """
     rng = random.Random(seed)
 
     def count_tokens(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False))
 
+    def play(env, policy, task_id, feedback=None):
+        return record_episode(
+            env, policy, task_id, tokenizer, system=prompts.system_prompt(), feedback=feedback
+        )
+
     demos = []
     for repeat in range(config.demos_per_task):
         env = Environment(world, tasks, seed=seed + repeat)
         for task in tasks:
-            builder, info = record_episode(
-                env, agents.Heuristic(), task.task_id, tokenizer, system=prompts.system_prompt()
-            )
+            builder, info = play(env, agents.Heuristic(), task.task_id)
             demos.append(_demo(task.task_id, builder, info, False))
-            if info["score"] >= 1.0 or rng.random() >= config.feedback_demo_fraction:
+            if rng.random() >= config.feedback_demo_fraction:
                 continue
+            wanted = rng.randint(1, config.feedback_demo_attempts)
+            earlier = [] if info["score"] >= 1.0 else [info]
+            # Random attempts that happen to succeed are skipped; a few tries suffice.
+            for trial in range(4 * wanted):
+                if len(earlier) == wanted:
+                    break
+                policy = agents.RandomPolicy(seed=f"{seed}:{repeat}:{trial}")
+                _, failed = play(env, policy, task.task_id)
+                if failed["score"] < 1.0:
+                    earlier.insert(0, failed)
+            attempts = [
+                fg.Attempt(k + 1, a["score"], a["feedback"], a["failure_type"])
+                for k, a in enumerate(earlier)
+            ]
             block = fg.render_previous_attempts(
-                [fg.Attempt(1, info["score"], info["feedback"], info["failure_type"])],
+                attempts,
                 mode=guidance.accumulation_mode,
                 max_tokens=guidance.max_feedback_tokens,
                 count_tokens=count_tokens,
             )
-            builder2, info2 = record_episode(
-                env,
-                agents.Heuristic(),
-                task.task_id,
-                tokenizer,
-                system=prompts.system_prompt(),
-                feedback=block,
-            )
-            if info2["score"] > info["score"]:
+            if not block:
+                continue
+            builder2, info2 = play(env, agents.Heuristic(), task.task_id, feedback=block)
+            if info2["score"] > max(a.score for a in attempts):
                 demos.append(_demo(task.task_id, builder2, info2, True))
     return [d for d in demos if len(d.tokens) <= config.max_len]
 

@@ -1,6 +1,7 @@
 """Warm start: demonstrations (token-in/token-out, feedback-reading retries) and batching."""
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -16,9 +17,13 @@ from tests import toys
 def demos_and_tokenizer():
     world = toys.shipped_world()
     tokenizer = toys.tiny_tokenizer()
-    # Level-3 tasks fail often for the heuristic, so some retries read a critique.
-    tasks = [t for t in world.split("train") if t.level == 3][:12]
-    config = sft.WarmStartConfig(max_len=100_000, feedback_demo_fraction=1.0)
+    # Level-3 tasks fail often for the heuristic, level 1 never: blocks hold the
+    # heuristic's critique or the random policy's only.
+    tasks = [t for t in world.split("train") if t.level == 3][:8]
+    tasks += [t for t in world.split("train") if t.level == 1][:4]
+    config = sft.WarmStartConfig(
+        max_len=100_000, feedback_demo_fraction=1.0, feedback_demo_attempts=3
+    )
     demos = sft.heuristic_demonstrations(
         world, tasks, tokenizer, config, fg.FeedbackGuidanceConfig(), seed=0
     )
@@ -47,12 +52,23 @@ def test_feedback_demos_carry_the_critique_and_do_better(demos_and_tokenizer):
     for demo in demos:
         by_task.setdefault(demo.task_id, []).append(demo)
     retried = [pair for pair in by_task.values() if len(pair) == 2]
-    assert retried, "no level-3 task gave a feedback-reading retry"
+    assert len(retried) >= 6, "too few tasks gave a feedback-reading attempt"
+    counts = set()
     for first, second in retried:
         assert not first.with_feedback and second.with_feedback
-        assert second.score > first.score
         prompt = tokenizer.decode(list(second.tokens[: second.loss_mask.index(1)]))
         assert fg.OPEN_TAG in prompt and fg.OPEN_TAG not in tokenizer.decode(list(first.tokens))
+        block = prompt[prompt.index(fg.OPEN_TAG) :]
+        scores = [float(s) for s in re.findall(r"Attempt \d+ \(score ([0-9.]+)\)", block)]
+        counts.add(len(scores))
+        # 1 to feedback_demo_attempts earlier failures, each beaten by the demonstration.
+        assert 1 <= len(scores) <= 3 and max(scores) < 1.0
+        assert second.score > max(scores)
+        if first.score < 1.0:  # the heuristic's own failure is the last attempt shown
+            assert scores[-1] == pytest.approx(first.score, abs=0.01)
+    assert len(counts) > 1, f"every block held {counts} attempts"
+    # Tasks the heuristic solves get blocks too, from random-policy failures.
+    assert any(first.score >= 1.0 for first, _ in retried)
 
 
 def test_action_message_renders_tool_calls_the_parser_reads_back(demos_and_tokenizer):
