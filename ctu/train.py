@@ -190,12 +190,15 @@ def rollout_metrics(groups, group_size: int) -> dict[str, float]:
         at_k = [r.success for r in records if r.rollout == k]
         if at_k:
             out[f"success_at_rollout/{k}"] = float(np.mean(at_k))
-    guided = [r.success for r in records if r.guided]
-    plain = [r.success for r in records if not r.guided]
-    if guided:
-        out["success/with_feedback"] = float(np.mean(guided))
-    if plain:
-        out["success/first_try"] = float(np.mean(plain))
+    for name, subset in (
+        ("with_feedback", [r for r in records if r.guided]),
+        ("first_try", [r for r in records if not r.guided]),
+    ):
+        if subset:
+            out[f"success/{name}"] = float(np.mean([r.success for r in subset]))
+            out[f"parse_failure_rate/{name}"] = sum(r.num_parse_failures for r in subset) / max(
+                sum(r.num_turns for r in subset), 1
+            )
     return out
 
 

@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import types
 
 import numpy as np
 import pytest
@@ -113,6 +114,33 @@ def test_task_stream_resumes_where_it_stopped_and_covers_each_epoch():
     resumed = [t for _, t in itertools.islice(train.task_stream(ids, 3, position), 11)]
     assert resumed == full[10:]
     assert full != [t for _, t in itertools.islice(train.task_stream(ids, 4, 0), 21)]
+
+
+def test_rollout_metrics_split_first_tries_from_guided_rollouts():
+    def episode(rollout, guided, success, failures, turns):
+        return types.SimpleNamespace(
+            rollout=rollout,
+            guided=guided,
+            success=success,
+            reward=float(success),
+            num_parse_failures=failures,
+            num_turns=turns,
+            num_sampled_tokens=10,
+            truncated=False,
+        )
+
+    groups = [
+        [episode(1, False, 1, 0, 4), episode(2, True, 0, 3, 3), episode(3, True, 1, 1, 5)],
+        [episode(1, False, 0, 2, 2), episode(2, True, 0, 2, 2), episode(3, True, 0, 0, 4)],
+    ]
+    out = train.rollout_metrics(groups, group_size=3)
+    assert out["parse_failure_rate"] == pytest.approx(8 / 20)
+    assert out["parse_failure_rate/first_try"] == pytest.approx(2 / 6)
+    assert out["parse_failure_rate/with_feedback"] == pytest.approx(6 / 14)
+    assert out["success/first_try"] == 0.5 and out["success/with_feedback"] == 0.25
+    assert [out[f"success_at_rollout/{k}"] for k in (1, 2, 3)] == [0.5, 0.0, 0.5]
+    plain = train.rollout_metrics([[g[0]] for g in groups], group_size=3)
+    assert "parse_failure_rate/with_feedback" not in plain and "success_at_rollout/2" not in plain
 
 
 # ---- batching ----------------------------------------------------------------------
