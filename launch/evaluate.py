@@ -8,7 +8,8 @@ r"""Evaluate a policy on a split of a world: a scripted agent, a run's checkpoin
 
 --policy: oracle | heuristic | random | checkpoint:WORKDIR[@STEP] (the latest checkpoint
 without @STEP) | hf:PATH (a Hugging Face folder with its tokenizer). Models decode
-greedily. --data defaults to the run's world for a workdir, else data/world.
+greedily, or sample with --temperature > 0 (and --top_p, --top_k, as training's rollouts
+do). --data defaults to the run's world for a workdir, else data/world.
 
 Writes the metrics JSON atomically to --out (keys: ctu/analysis/model_eval.py) and
 prints a short table.
@@ -38,6 +39,16 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the environment and the policy.
 _MODE = flags.DEFINE_enum(
     "mode", "cold", evaluation.MODES, "cold: no feedback; feedback: retry failures with critique."
 )
+_TEMPERATURE = flags.DEFINE_float(
+    "temperature", 0.0, "Model policies: 0 decodes greedily; > 0 samples.", lower_bound=0.0
+)
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Model policies, when sampling: nucleus mass.")
+_TOP_K = flags.DEFINE_integer(
+    "top_k",
+    0,
+    "Model policies, when sampling: keep the k likeliest tokens (0: all).",
+    lower_bound=0,
+)
 _OUT = flags.DEFINE_string("out", None, "Where to write the metrics JSON.", required=True)
 
 
@@ -54,6 +65,9 @@ def main(argv):
             seed=_SEED.value,
             mode=_MODE.value,
             num_tasks=_NUM_TASKS.value,
+            temperature=_TEMPERATURE.value,
+            top_p=_TOP_P.value,
+            top_k=_TOP_K.value,
         )
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")

@@ -143,6 +143,38 @@ def test_warm_start_folder_evaluates_as_an_hf_policy(run_dir, tmp_path):
     assert metrics["data"] == config.data.dir
 
 
+def test_sampled_evaluation_follows_its_seed_and_top_k_1_is_greedy(run_dir, tmp_path):
+    policy = f"hf:{os.path.join(run_dir, 'warm_start')}"
+    greedy = _evaluate(policy, tmp_path / "greedy.json")
+    top_1 = _evaluate(policy, tmp_path / "top1.json", temperature=1.0, top_k=1)
+    # A point mass on the argmax plays exactly the greedy episodes.
+    assert top_1["policy_source"]["temperature"] == 1.0 and top_1["policy_source"]["top_k"] == 1
+    same = ("success_rate", "mean_score", "failure_types", "parse_failure_rate", "examples")
+    assert {k: top_1[k] for k in same} == {k: greedy[k] for k in same}
+    sampled = [
+        _evaluate(policy, tmp_path / f"s{i}.json", temperature=1.0, top_p=0.8, seed=3)
+        for i in range(2)
+    ]
+    assert _without_timing(sampled[0]) == _without_timing(sampled[1])
+    assert sampled[0]["policy_source"]["top_p"] == 0.8
+
+
+@pytest.mark.parametrize(
+    "policy, decoding, match",
+    [
+        ("heuristic", {"temperature": 1.0}, "scripted: --temperature"),
+        ("WARM", {"top_p": 0.5}, "need --temperature > 0"),
+        ("WARM", {"temperature": 1.0, "top_p": 1.5}, "top_p must be in"),
+        ("WARM", {"temperature": -1.0}, "temperature must be"),
+    ],
+)
+def test_bad_sampling_settings_are_clear_errors(run_dir, tmp_path, policy, decoding, match):
+    policy = policy.replace("WARM", f"hf:{os.path.join(run_dir, 'warm_start')}")
+    with pytest.raises(ValueError, match=match):
+        _evaluate(policy, tmp_path / "x.json", **decoding)
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_bad_workdirs_steps_and_policies_are_clear_errors(run_dir, tmp_path):
     with pytest.raises(policy_loading.PolicySpecError, match="no workdir at /no/such/run"):
         _evaluate("checkpoint:/no/such/run", tmp_path / "x.json")

@@ -6,7 +6,8 @@
 Scripted policies (oracle, heuristic, random) go to `ctu.world.evaluation`. Model
 policies (`ctu.analysis.policy_loading`) play their episodes with the rollout runner
 (`ctu.rollout.evaluate.run_model_episodes`: the prompt, chat template, parser and limits
-of training) under greedy decoding, and are summarised by the same
+of training) under greedy decoding, or sampled (`temperature`, `top_p`, `top_k`: how a
+policy's training rollouts fare), and are summarised by the same
 `evaluation.summarize`, so every JSON has one layout:
 
 - top level: the cold (first-try) outcome: `success_rate`, `mean_score`, `by_level`,
@@ -24,6 +25,7 @@ of training) under greedy decoding, and are summarised by the same
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -34,6 +36,7 @@ from ctu.analysis import policy_loading
 from ctu.rollout import evaluate as rollout_eval
 from ctu.rollout.engine import JaxEngine
 from ctu.rollout.records import RolloutRecord
+from ctu.sampling.settings import SamplingConfig
 from ctu.world import data, evaluation
 
 DEFAULT_DATA_DIR = "data/world"
@@ -185,12 +188,18 @@ def evaluate_and_write(
     seed: int = 0,
     mode: str = "cold",
     num_tasks: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
 ) -> dict:
     """The `launch.evaluate` command: evaluate `policy`, write the JSON, print a table.
 
     `data_dir` None: the run's world for a model policy from a workdir, else data/world.
+    A model policy decodes greedily unless `temperature` > 0 (then `top_p`, `top_k`
+    filter as in training; the draws follow `seed`).
     Raises FileNotFoundError / ValueError (PolicySpecError) with a message for a bad
-    policy, workdir, step, directory, split or mode: checked before anything slow runs.
+    policy, workdir, step, directory, split, mode or sampling setting: checked before
+    anything slow runs.
     """
     if split not in evaluation.SPLIT_NAMES:
         raise ValueError(
@@ -199,9 +208,15 @@ def evaluate_and_write(
     if mode not in evaluation.MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(evaluation.MODES)}")
     evaluation.first_tasks([], num_tasks)  # validates num_tasks
+    decoding = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
     if not policy_loading.is_model_policy(policy):
         if policy not in evaluation.POLICY_FACTORIES:
             raise ValueError(f"--policy={policy}: choose one of {', '.join(policy_names())}")
+        if decoding != {"temperature": 0.0, "top_p": 1.0, "top_k": 0}:
+            raise ValueError(
+                f"--policy={policy} is scripted: --temperature, --top_p and --top_k apply "
+                "to model policies (checkpoint:WORKDIR, hf:PATH) only; leave them out"
+            )
         return evaluation.evaluate_and_write(
             policy,
             split,
@@ -212,10 +227,14 @@ def evaluate_and_write(
             mode=mode,
             num_tasks=num_tasks,
         )
+    if temperature == 0.0 and (top_p, top_k) != (1.0, 0):
+        raise ValueError("--top_p and --top_k need --temperature > 0 (0 decodes greedily)")
+    SamplingConfig(**decoding)  # validates the values before anything is loaded
     spec = policy_loading.parse_policy(policy)
     if data_dir:
         _check_world_dir(data_dir)
     loaded = policy_loading.load_policy(spec)
+    loaded = dataclasses.replace(loaded, sampling=dataclasses.replace(loaded.sampling, **decoding))
     data_dir = _data_dir(data_dir, loaded)
     _check_world_dir(data_dir)
     world = data.load_world(data_dir)

@@ -9,7 +9,8 @@ A checkpoint is rebuilt from what the workdir holds and nothing else: `config.js
 checkpoint's "model" item is read, straight into the shardings of an abstract model
 (`nnx.eval_shape`): no optimizer state is built or loaded and no training code runs.
 
-Decoding is greedy (temperature 0), so an evaluation is a function of its seed. Token
+Decoding is greedy (temperature 0) unless the caller replaces `sampling`; an evaluation
+is a function of its seed either way. Token
 and turn limits are the run's (`rollout.*` of its config); an HF folder inside a workdir
 (`WORKDIR/warm_start`) takes its workdir's, any other folder `HF_DEFAULTS`.
 """
@@ -77,7 +78,7 @@ class LoadedPolicy:
     model_config: ModelConfig
     tokenizer: Any
     mesh: jax.sharding.Mesh
-    sampling: SamplingConfig  # greedy, stopping at the end of a turn
+    sampling: SamplingConfig  # greedy, stopping at the end of a turn (callers may sample)
     runner: RunnerSettings
     step: int | None  # the checkpoint step restored (None for an HF folder)
     run_config: ml_collections.ConfigDict | None  # the run's config, when there is one
@@ -91,6 +92,8 @@ class LoadedPolicy:
             "model": self.model_config.family,
             "num_params": self.model_config.num_params(),
             "temperature": self.sampling.temperature,
+            "top_p": self.sampling.top_p,
+            "top_k": self.sampling.top_k,
             "max_new_tokens": self.sampling.max_new_tokens,
             "max_total_tokens": self.runner.max_total_tokens,
             "max_turns": self.runner.max_turns,
