@@ -96,8 +96,9 @@ def get_config(arg=None):
     config.rollout.max_total_tokens = 2048
     config.rollout.temperature = 1.0
     # Nucleus sampling over the 50 likeliest tokens: the warm start's tail at T=1 breaks
-    # 42% of its turns (26% with these; docs/results.md section 2). The learner scores
-    # rollouts under the whole distribution, as verl and TRL do.
+    # 42% of its turns (26% with these; docs/results.md section 2). The learner recomputes
+    # behaviour log-probs under the whole distribution, as verl and TRL do (guided rows
+    # with training_context "original" keep the sampler's, the filtered distribution's).
     config.rollout.top_p = 0.8
     config.rollout.top_k = 50
 

@@ -174,14 +174,18 @@ class GroupSampler:
 # ---- metrics ---------------------------------------------------------------------------
 
 
+def _parse_failure_rate(records) -> float:
+    """Parse failures per assistant turn."""
+    return sum(r.num_parse_failures for r in records) / max(sum(r.num_turns for r in records), 1)
+
+
 def rollout_metrics(groups, group_size: int) -> dict[str, float]:
     """Batch reward metrics, success by rollout position, parse failures."""
     records = [r for g in groups for r in g]
     out = {
         "reward/mean": float(np.mean([r.reward for r in records])),
         "success/rate": float(np.mean([r.success for r in records])),
-        "parse_failure_rate": sum(r.num_parse_failures for r in records)
-        / max(sum(r.num_turns for r in records), 1),
+        "parse_failure_rate": _parse_failure_rate(records),
         "episode/turns": float(np.mean([r.num_turns for r in records])),
         "episode/sampled_tokens": float(np.mean([r.num_sampled_tokens for r in records])),
         "episode/truncated": float(np.mean([r.truncated for r in records])),
@@ -196,9 +200,7 @@ def rollout_metrics(groups, group_size: int) -> dict[str, float]:
     ):
         if subset:
             out[f"success/{name}"] = float(np.mean([r.success for r in subset]))
-            out[f"parse_failure_rate/{name}"] = sum(r.num_parse_failures for r in subset) / max(
-                sum(r.num_turns for r in subset), 1
-            )
+            out[f"parse_failure_rate/{name}"] = _parse_failure_rate(subset)
     return out
 
 
