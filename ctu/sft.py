@@ -28,12 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 
 from ctu import feedback_guidance as fg
 from ctu import prompts, sharding
 from ctu.analysis import induction
-from ctu.analysis.copy_probe import copy_accuracy
+from ctu.analysis.copy_probe import ACTION_KINDS, teacher_forced_probe
 from ctu.models import from_hf, to_hf
 from ctu.models.shared_prefix import common_prefix_length, shared_prefix_token_logp
 from ctu.rl.optim import OptimConfig, make_optimizer
@@ -215,6 +216,18 @@ def heuristic_demonstrations(
     return [d for d in demos if len(d.tokens) <= config.max_len]
 
 
+def agent_turn_lengths(loss_mask: Sequence[int]) -> list[int]:
+    """Lengths of the runs of agent tokens (mask 1): one per assistant turn."""
+    lengths, run = [], 0
+    for bit in (*loss_mask, 0):
+        if bit:
+            run += 1
+        elif run:
+            lengths.append(run)
+            run = 0
+    return lengths
+
+
 # ---- supervised fine-tuning ---------------------------------------------------------
 
 
@@ -385,8 +398,12 @@ def warm_start(
     writer,
     seed: int,
     log=print,
+    max_new_tokens: int | None = None,
 ) -> nnx.Module:
     """Fine-tunes `model` on heuristic demonstrations, or reuses WORKDIR/warm_start.
+
+    `max_new_tokens` is the rollouts' per-turn limit: a warning names the demonstrated
+    turns longer than it, which the policy could never finish.
 
     The result is saved as a Hugging Face folder (with the tokenizer), so a resumed
     run, `launch.evaluate --policy=hf:WORKDIR/warm_start` and anyone with
@@ -414,6 +431,19 @@ def warm_start(
         f"warm start: {len(demos)} demonstrations ({with_feedback} acting on feedback), "
         f"mean heuristic score {np.mean([d.score for d in demos]):.3f}"
     )
+    if max_new_tokens is not None:
+        turns = [n for d in demos for n in agent_turn_lengths(d.loss_mask)]
+        over = sum(n > max_new_tokens for n in turns)
+        if over:
+            logging.warning(
+                "warm start: %d of %d demonstrated agent turns (the longest %d tokens) are "
+                "longer than rollout.max_new_tokens=%d, so the policy is cut off before it "
+                "can finish them; raise rollout.max_new_tokens.",
+                over,
+                len(turns),
+                max(turns),
+                max_new_tokens,
+            )
     if config.induction_steps:
         copy_task = induction.ProbeConfig(
             vocab=len(tokenizer) - induction.FIRST_TOKEN,
@@ -447,7 +477,8 @@ def warm_start(
             scalars = {k: float(v) for k, v in metrics.items()}
             writer.write_scalars(step, scalars)
             log(f"warm start step {step}/{config.steps}: loss {scalars['sft/loss']:.3f}")
-    copying = copy_accuracy(model, tokenizer, world, world_split_for_probe(world), seed=seed)
+    probe = teacher_forced_probe(model, tokenizer, world, world_split_for_probe(world), seed=seed)
+    copying = {k: v for k, v in probe.items() if k.startswith("copy/")}
     kinds = sorted(k.split("/")[1] for k in copying if k.count("/") == 1)
     log(
         "warm start: teacher-forced copying on held-out episodes: "
@@ -458,10 +489,18 @@ def warm_start(
             for kind in kinds
         )
     )
+    log(
+        "warm start: teacher-forced actions on held-out episodes (every token right): "
+        + ", ".join(
+            f"{kind} {probe[f'action/{kind}']:.0%}"
+            for kind in ACTION_KINDS
+            if f"action/{kind}" in probe
+        )
+    )
     writer.write_scalars(
         config.steps,
         {"timing_s/warm_start": time.perf_counter() - started}
-        | {f"warm_start/{k}": v for k, v in copying.items()},
+        | {f"warm_start/{k}": v for k, v in probe.items()},
     )
     to_hf(model, model_config, out)
     tokenizer.save_pretrained(out)

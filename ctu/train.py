@@ -113,6 +113,7 @@ def _warm_start(s: Setup) -> nnx.Module:
             writer=writer,
             seed=s.settings.seed,
             log=logging.info,
+            max_new_tokens=s.settings.rollout.sampling.max_new_tokens,
         )
     finally:
         writer.close()

@@ -82,3 +82,48 @@ def test_an_empty_split_is_a_clear_error(world_and_tokenizer):
     world, tokenizer = world_and_tokenizer
     with pytest.raises(ValueError, match="no tasks"):
         copy_probe.copy_accuracy(lambda t: t, tokenizer, world, "val", num_tasks=0)
+
+
+def test_actions_are_scored_whole_and_by_decision(world_and_tokenizer):
+    """A perfect model takes every action; a constant one none; one wrong token inside
+    the first form fails that form only."""
+    world, tokenizer = world_and_tokenizer
+    perfect = copy_probe.teacher_forced_probe(
+        _NextTokenOracle(len(tokenizer)), tokenizer, world, "val", num_tasks=4
+    )
+    actions = {k for k in perfect if k.startswith("action/")}
+    assert {"action/search_company", "action/first_form", "action/first_call"} <= actions
+    assert {"action/respond", "action/episode"} <= actions
+    assert {k.split("/")[1] for k in actions} <= set(copy_probe.ACTION_KINDS)
+    assert all(perfect[k] == 1.0 for k in actions)
+    assert {k for k in perfect if k.startswith("copy/")} == set(
+        copy_probe.copy_accuracy(
+            _NextTokenOracle(len(tokenizer)), tokenizer, world, "val", num_tasks=4
+        )
+    )
+
+    def constant(tokens):
+        return jnp.zeros(tokens.shape + (len(tokenizer),)).at[..., 5].set(1.0)
+
+    nothing = copy_probe.teacher_forced_probe(constant, tokenizer, world, "val", num_tasks=4)
+    assert all(nothing[k] == 0.0 for k in actions)
+
+    from ctu import prompts
+    from ctu.sft import record_episode
+    from ctu.world import agents
+    from ctu.world.env import Environment
+
+    task = world.split("val")[0]
+    recorder = copy_probe._Recorder(agents.Heuristic(seed=0))
+    env = Environment(world, [task], seed=0)
+    builder, _ = record_episode(
+        env, recorder, task.task_id, tokenizer, system=prompts.system_prompt()
+    )
+    turns = copy_probe._agent_turns(builder.loss_mask())
+    names = [a.name for a in recorder.actions]
+    assert len(turns) == len(names) and names[1] == "auth_info_form"
+    start, end = turns[1]
+    model = _NextTokenOracle(len(tokenizer), wrong_at=[(start + end) // 2 - 1])
+    one = copy_probe.teacher_forced_probe(model, tokenizer, world, "val", num_tasks=1)
+    assert one["action/first_form"] == 0.0 and one["action/episode"] == 0.0
+    assert all(v == 1.0 for k, v in one.items() if k not in ("action/first_form", "action/episode"))

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from configs import baseline_dapo, feedback_dapo, grpo
-from ctu import run_config, train
+from ctu import run_config, sft, train
 from ctu.metrics import read_jsonl
 from ctu.rl import batching
+from ctu.world import data
 
 # ---- settings ----------------------------------------------------------------------
 
@@ -88,6 +89,26 @@ def test_smear_is_for_presets_trained_from_scratch():
     config.model.init = "hf:/some/checkpoint"
     with pytest.raises(ValueError, match="model.smear=1 with model.init='hf:/some/checkpoint'"):
         run_config.settings_from_config(config)
+
+
+def test_default_turn_limit_fits_every_heuristic_turn(tmp_path):
+    """Every assistant turn the warm start demonstrates on the shipped world, with the
+    run's own tokenizer, fits the rollouts' per-turn limit: a call cut off mid-JSON
+    cannot succeed, so a shorter limit silently caps success (at 80 tokens it capped
+    the heuristic's own val successes at 43 of 62)."""
+    settings = run_config.settings_from_config(feedback_dapo.get_config())
+    tokenizer = train._tokenizer(settings, str(tmp_path))
+    world = data.load_world(settings.data_dir)
+    demos = sft.heuristic_demonstrations(
+        world,
+        world.split("train") + world.split("val"),
+        tokenizer,
+        settings.warm_start,
+        settings.algorithm.feedback,
+    )
+    turns = [n for d in demos for n in sft.agent_turn_lengths(d.loss_mask)]
+    assert len(turns) > 5 * len(demos)
+    assert max(turns) <= settings.rollout.sampling.max_new_tokens
 
 
 def test_unknown_keys_and_variants_are_refused():
@@ -250,7 +271,7 @@ def test_smoke_run_writes_finite_metrics_checkpoints_and_warm_start(smoke_run):
     assert any("val/success" in row and row["step"] == 0 for row in rows)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
     with open(os.path.join(workdir, "warm_start", "config.json")) as f:
-        assert json.load(f)["ctu_smear"] == 3  # the tiny preset's default, saved for from_hf
+        assert json.load(f)["ctu_smear"] == 6  # the tiny preset's default, saved for from_hf
     warm_rows = read_jsonl(os.path.join(workdir, "warm_start_logs", "metrics.jsonl"))
     assert [r["step"] for r in warm_rows if "warm_start/copy_task_loss" in r] == [3]
     with open(os.path.join(workdir, "config.json")) as f:
@@ -278,7 +299,7 @@ def test_smoke_run_of_a_plain_model_without_the_copy_task(tmp_path):
     defaults); this one has neither, as a pretrained model would: a plain warm start
     saved and reloaded by the HF loader, rollouts and updates."""
     config = feedback_dapo.get_config("smoke")
-    assert config.model.smear == 3 and config.warm_start.induction_steps == 3
+    assert config.model.smear == 6 and config.warm_start.induction_steps == 3
     config.total_steps = 1
     config.model.smear = 0
     config.warm_start.induction_steps = 0

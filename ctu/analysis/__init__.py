@@ -6,6 +6,7 @@
 - runs.py: a run's workdir read back (metrics merged by step, config, eval JSONs);
   samples/tasks counted, thresholds reached, seeds aggregated.
 - copy_probe.py: the teacher-forced probe of whether a policy copies tool-call
-  arguments (company name, phone number, auth values) from its context.
+  arguments (company name, phone number, auth values) from its context, and which of
+  the heuristic's actions it would take exactly.
 - plots.py: the matplotlib figures; compare.py: `launch.compare` (plots + summary.md).
 """

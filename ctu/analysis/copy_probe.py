@@ -8,6 +8,11 @@ model's greedy next-token choice reproduces exactly, token for token, given the 
 conversation so far. It needs one forward pass per episode, no sampling, so a warm
 start can report it in seconds; a policy that writes perfect JSON but copies nothing
 (a plateau of tiny from-scratch models) scores 0 here however low its SFT loss.
+
+`teacher_forced_probe` reports the same pass by whole actions as well: how often the
+model would take each of the heuristic's decisions (the first form's auth fields, the
+first call's department and values, ...) exactly, which locates what an imitation
+lacks when its episodes fail.
 """
 
 from __future__ import annotations
@@ -28,6 +33,16 @@ COMPANY = "company_name"  # the user's request
 PHONE = "phone_number"  # the search result
 AUTH = "auth_values"  # the form's answer
 _LENGTH_BUCKET = 512
+# The heuristic's decisions `teacher_forced_probe` scores (`action/KIND`), in episode order.
+ACTION_KINDS = (
+    "search_company",
+    "first_form",
+    "first_call",
+    "later_form",
+    "later_call",
+    "respond",
+    "episode",
+)
 
 
 class _Recorder(agents.Policy):
@@ -69,16 +84,44 @@ def _find_in_agent_turns(
     return -1
 
 
-def copy_accuracy(
+def _agent_turns(mask: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of agent tokens: one per assistant turn."""
+    turns, start = [], None
+    for i, bit in enumerate((*mask, 0)):
+        if bit and start is None:
+            start = i
+        elif not bit and start is not None:
+            turns.append((start, i))
+            start = None
+    return turns
+
+
+def _action_kinds(actions: Sequence[Action]) -> list[str]:
+    """The decision each action stands for: the first form is the auth guess, the first
+    call the routing, the later ones recover from what the phone said."""
+    kinds, seen = [], collections.Counter()
+    for action in actions:
+        seen[action.name] += 1
+        if action.name in ("auth_info_form", "make_phone_call"):
+            stem = "form" if action.name == "auth_info_form" else "call"
+            kinds.append(f"{'first' if seen[action.name] == 1 else 'later'}_{stem}")
+        else:
+            kinds.append(action.name)
+    return kinds
+
+
+def teacher_forced_probe(
     model, tokenizer, world: data.World, split: str = "val", num_tasks: int = 20, seed: int = 0
 ) -> dict[str, float]:
-    """Fraction of copied argument values (company name, phone number, auth values)
-    that the model reproduces exactly under teacher forcing on heuristic episodes.
+    """Teacher forcing on the heuristic's episodes of `split`: what the model's greedy
+    next-token choice reproduces, given the true conversation so far.
 
-    Returns `{"copy/company_name": f, "copy/phone_number": f, "copy/auth_values": f}`
-    and, per kind, the fraction of first tokens right (`copy/KIND/first_token`) and of
-    the tokens after the first (`copy/KIND/later_tokens`, the part the value's own
-    first token locates, by induction); a kind with no value in the episodes is left out.
+    Copies (`copy/KIND`, see `copy_accuracy`) and whole actions: `action/KIND` is the
+    fraction of the heuristic's actions of a kind whose every token is the model's
+    choice, for `search_company`, `first_form` (the auth fields guessed from the
+    request), `later_form`, `first_call` (routing and values), `later_call` and
+    `respond`; `action/episode` the fraction of episodes right throughout. A kind with
+    no example in the episodes is left out.
     """
     from ctu.sft import record_episode  # ctu.sft reports this probe after a warm start
 
@@ -98,6 +141,16 @@ def copy_accuracy(
         # Right padding to a bucket keeps compiles few and, causal, changes nothing before.
         padded = tokens + [0] * (-len(tokens) % _LENGTH_BUCKET)
         predicted = np.asarray(forward(jnp.asarray([padded], jnp.int32)))
+        # predicted[t] is the model's choice for token t + 1.
+        right = np.append(predicted[: len(tokens) - 1] == np.asarray(tokens[1:]), True)
+        turns = _agent_turns(mask)
+        if len(turns) != len(policy.actions):
+            raise AssertionError(f"{len(turns)} agent turns for {len(policy.actions)} actions")
+        for (start, end), kind in zip(turns, _action_kinds(policy.actions), strict=True):
+            totals[f"action/{kind}"] += 1
+            hits[f"action/{kind}"] += bool(right[start - 1 : end - 1].all())
+        totals["action/episode"] += 1
+        hits["action/episode"] += all(right[s - 1 : e - 1].all() for s, e in turns)
         cursor = 0
         for action in policy.actions:
             for kind, value in _copied_values(action):
@@ -105,14 +158,28 @@ def copy_accuracy(
                 at = _find_in_agent_turns(tokens, mask, ids, cursor) if ids else -1
                 if at < 0:
                     continue  # tokenized differently inside the call (or empty): not counted
-                # predicted[t] is the model's choice for token t + 1.
-                right = predicted[at - 1 : at - 1 + len(ids)] == np.asarray(ids)
-                totals[kind] += 1
-                hits[kind] += bool(right.all())
-                totals[f"{kind}/first_token"] += 1
-                hits[f"{kind}/first_token"] += bool(right[0])
+                value_right = right[at - 1 : at - 1 + len(ids)]
+                totals[f"copy/{kind}"] += 1
+                hits[f"copy/{kind}"] += bool(value_right.all())
+                totals[f"copy/{kind}/first_token"] += 1
+                hits[f"copy/{kind}/first_token"] += bool(value_right[0])
                 if len(ids) > 1:
-                    totals[f"{kind}/later_tokens"] += len(ids) - 1
-                    hits[f"{kind}/later_tokens"] += int(right[1:].sum())
+                    totals[f"copy/{kind}/later_tokens"] += len(ids) - 1
+                    hits[f"copy/{kind}/later_tokens"] += int(value_right[1:].sum())
                 cursor = at + len(ids)
-    return {f"copy/{kind}": hits[kind] / totals[kind] for kind in totals}
+    return {key: hits[key] / totals[key] for key in totals}
+
+
+def copy_accuracy(
+    model, tokenizer, world: data.World, split: str = "val", num_tasks: int = 20, seed: int = 0
+) -> dict[str, float]:
+    """Fraction of copied argument values (company name, phone number, auth values)
+    that the model reproduces exactly under teacher forcing on heuristic episodes.
+
+    Returns `{"copy/company_name": f, "copy/phone_number": f, "copy/auth_values": f}`
+    and, per kind, the fraction of first tokens right (`copy/KIND/first_token`) and of
+    the tokens after the first (`copy/KIND/later_tokens`, the part the value's own
+    first token locates, by induction); a kind with no value in the episodes is left out.
+    """
+    scores = teacher_forced_probe(model, tokenizer, world, split, num_tasks, seed)
+    return {key: value for key, value in scores.items() if key.startswith("copy/")}
