@@ -10,8 +10,8 @@ Variants (comma separated after a colon):
 Any key below can be overridden with --config.KEY=VALUE, e.g.
 --config.algorithm.feedback_guidance.mix=0.5.
 
-Sized for the 20-minute budget on 2 CPU cores: 16 min 21 s to 17 min 13 s measured over
-seeds 0-2 (warm start ~9.5 min with its copy task, 12 RL steps of 27-29 s, 4
+Sized for the 20-minute budget on 2 CPU cores: 16 min 12 s and 17 min 34 s measured on
+seeds 2 and 0 (warm start ~10 min with its copy task, 12 RL steps of 27-31 s, 4
 evaluations); docs/results.md has the runs.
 """
 
@@ -41,12 +41,13 @@ def get_config(arg=None):
     config.model.param_dtype = "float32"
     # Add the embeddings of this many preceding tokens to each token's, through learned
     # gates (ModelConfig.smear): a model trained from scratch copies by content far
-    # sooner, and 3 reaches the word that names a value across the space token before
-    # it ("call", " ", "Ironwood"; docs/results.md section 1). For a preset trained from
-    # scratch only (HF has no such gates): 0 for the other presets, and set 0 with
-    # model.init=hf:PATH.
+    # sooner; 3 reaches the word that names a value across the space token before it
+    # ("call", " ", "Ironwood"), 6 the department a phone number's area code follows
+    # ("Fraud", ":", " +", "1", "-", "800"; docs/results.md sections 1 and 2). For a
+    # preset trained from scratch only (HF has no such gates): 0 for the other presets,
+    # and set 0 with model.init=hf:PATH.
     scratch = arg.model == "tiny"
-    config.model.smear = 3 if scratch else 0
+    config.model.smear = 6 if scratch else 0
     # "" builds a BPE tokenizer from the world into WORKDIR/tokenizer; else a HF folder.
     config.model.tokenizer = ""
     config.model.tokenizer_vocab_size = 2048
@@ -90,7 +91,11 @@ def get_config(arg=None):
     config.rollout.tasks_per_step = 4
     config.rollout.group_size = 8
     config.rollout.max_turns = 10
-    config.rollout.max_new_tokens = 80  # per assistant turn
+    # Per assistant turn. The heuristic's longest turn on the shipped world is 98 tokens
+    # with the world tokenizer (a call with four auth values); at 80, 41 of 100 val
+    # tasks needed a longer turn than the policy could write (tests/test_train.py). A
+    # higher limit only lets a derailed turn run on (docs/results.md section 2).
+    config.rollout.max_new_tokens = 104
     # Per episode, prompt included; the prompt alone (system turn with the tool
     # schemas, the user's request) is ~860 tokens with the world tokenizer.
     config.rollout.max_total_tokens = 2048
