@@ -38,7 +38,7 @@ from ctu.analysis.copy_probe import ACTION_KINDS, teacher_forced_probe
 from ctu.models import from_hf, to_hf
 from ctu.models.shared_prefix import common_prefix_length, shared_prefix_token_logp
 from ctu.rl.optim import OptimConfig, make_optimizer
-from ctu.text.conversation import ConversationBuilder, assistant_completion
+from ctu.text.conversation import ConversationBuilder, agent_spans, assistant_completion
 from ctu.world import agents, data, tools
 from ctu.world.env import Action, Environment
 
@@ -214,18 +214,6 @@ def heuristic_demonstrations(
             if info2["score"] > max(a.score for a in attempts):
                 demos.append(_demo(task.task_id, builder2, info2, True))
     return [d for d in demos if len(d.tokens) <= config.max_len]
-
-
-def agent_turn_lengths(loss_mask: Sequence[int]) -> list[int]:
-    """Lengths of the runs of agent tokens (mask 1): one per assistant turn."""
-    lengths, run = [], 0
-    for bit in (*loss_mask, 0):
-        if bit:
-            run += 1
-        elif run:
-            lengths.append(run)
-            run = 0
-    return lengths
 
 
 # ---- supervised fine-tuning ---------------------------------------------------------
@@ -432,7 +420,7 @@ def warm_start(
         f"mean heuristic score {np.mean([d.score for d in demos]):.3f}"
     )
     if max_new_tokens is not None:
-        turns = [n for d in demos for n in agent_turn_lengths(d.loss_mask)]
+        turns = [end - start for d in demos for start, end in agent_spans(d.loss_mask)]
         over = sum(n > max_new_tokens for n in turns)
         if over:
             logging.warning(

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from ctu.analysis import copy_probe
+from ctu.text.conversation import agent_spans
 from tests import toys
 
 
@@ -119,7 +120,7 @@ def test_actions_are_scored_whole_and_by_decision(world_and_tokenizer):
     builder, _ = record_episode(
         env, recorder, task.task_id, tokenizer, system=prompts.system_prompt()
     )
-    turns = copy_probe._agent_turns(builder.loss_mask())
+    turns = agent_spans(builder.loss_mask())
     names = [a.name for a in recorder.actions]
     assert len(turns) == len(names) and names[1] == "auth_info_form"
     start, end = turns[1]

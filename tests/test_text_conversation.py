@@ -185,3 +185,18 @@ def test_turn_order_is_enforced(tokenizer):
 def test_rejects_a_tokenizer_without_a_single_end_of_turn_token(tokenizer):
     with pytest.raises(ValueError, match="not one token"):
         text.ConversationBuilder(tokenizer, TOOLS, end_of_turn="<|not_a_token|>")
+
+
+@hypothesis.given(st.lists(st.integers(0, 1), max_size=40))
+def test_agent_spans_are_the_maximal_runs_of_the_mask(mask):
+    from ctu.text.conversation import agent_spans
+
+    spans = agent_spans(mask)
+    rebuilt = [0] * len(mask)
+    for start, end in spans:
+        assert 0 <= start < end <= len(mask)
+        rebuilt[start:end] = [1] * (end - start)
+    assert rebuilt == mask
+    # Maximal: a zero (or an edge) on each side, so no two spans touch.
+    assert all(a_end < b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False))
+    assert all(start == 0 or mask[start - 1] == 0 for start, _ in spans)

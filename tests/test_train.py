@@ -15,6 +15,7 @@ from configs import baseline_dapo, feedback_dapo, grpo
 from ctu import run_config, sft, train
 from ctu.metrics import read_jsonl
 from ctu.rl import batching
+from ctu.text.conversation import agent_spans
 from ctu.world import data
 
 # ---- settings ----------------------------------------------------------------------
@@ -106,7 +107,7 @@ def test_default_turn_limit_fits_every_heuristic_turn(tmp_path):
         settings.warm_start,
         settings.algorithm.feedback,
     )
-    turns = [n for d in demos for n in sft.agent_turn_lengths(d.loss_mask)]
+    turns = [end - start for d in demos for start, end in agent_spans(d.loss_mask)]
     assert len(turns) > 5 * len(demos)
     assert max(turns) <= settings.rollout.sampling.max_new_tokens
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ctu import prompts
+from ctu.text.conversation import agent_spans
 from ctu.world import agents, data
 from ctu.world.env import Action, Environment
 
@@ -84,18 +85,6 @@ def _find_in_agent_turns(
     return -1
 
 
-def _agent_turns(mask: Sequence[int]) -> list[tuple[int, int]]:
-    """[start, end) of each run of agent tokens: one per assistant turn."""
-    turns, start = [], None
-    for i, bit in enumerate((*mask, 0)):
-        if bit and start is None:
-            start = i
-        elif not bit and start is not None:
-            turns.append((start, i))
-            start = None
-    return turns
-
-
 def _action_kinds(actions: Sequence[Action]) -> list[str]:
     """The decision each action stands for: the first form is the auth guess, the first
     call the routing, the later ones recover from what the phone said."""
@@ -143,7 +132,7 @@ def teacher_forced_probe(
         predicted = np.asarray(forward(jnp.asarray([padded], jnp.int32)))
         # predicted[t] is the model's choice for token t + 1.
         right = np.append(predicted[: len(tokens) - 1] == np.asarray(tokens[1:]), True)
-        turns = _agent_turns(mask)
+        turns = agent_spans(mask)
         if len(turns) != len(policy.actions):
             raise AssertionError(f"{len(turns)} agent turns for {len(policy.actions)} actions")
         for (start, end), kind in zip(turns, _action_kinds(policy.actions), strict=True):

@@ -53,6 +53,18 @@ def assistant_completion(
     return completion[: completion.rindex(end_of_turn) + len(end_of_turn)]
 
 
+def agent_spans(loss_mask: Sequence[int]) -> list[tuple[int, int]]:
+    """`[start, end)` of each run of loss-mask 1: one per assistant turn."""
+    spans, start = [], None
+    for i, bit in enumerate((*loss_mask, 0)):
+        if bit and start is None:
+            start = i
+        elif not bit and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
 class ConversationBuilder:
     """Token ids and loss mask of one episode.
 
