@@ -88,14 +88,14 @@ def _find_in_agent_turns(
 def _action_kinds(actions: Sequence[Action]) -> list[str]:
     """The decision each action stands for: the first form is the auth guess, the first
     call the routing, the later ones recover from what the phone said."""
+    stems = {"auth_info_form": "form", "make_phone_call": "call"}
     kinds, seen = [], collections.Counter()
     for action in actions:
         seen[action.name] += 1
-        if action.name in ("auth_info_form", "make_phone_call"):
-            stem = "form" if action.name == "auth_info_form" else "call"
-            kinds.append(f"{'first' if seen[action.name] == 1 else 'later'}_{stem}")
-        else:
+        if action.name not in stems:
             kinds.append(action.name)
+        else:
+            kinds.append(f"{'first' if seen[action.name] == 1 else 'later'}_{stems[action.name]}")
     return kinds
 
 
@@ -132,9 +132,7 @@ def teacher_forced_probe(
         predicted = np.asarray(forward(jnp.asarray([padded], jnp.int32)))
         # predicted[t] is the model's choice for token t + 1.
         right = np.append(predicted[: len(tokens) - 1] == np.asarray(tokens[1:]), True)
-        turns = agent_spans(mask)
-        if len(turns) != len(policy.actions):
-            raise AssertionError(f"{len(turns)} agent turns for {len(policy.actions)} actions")
+        turns = agent_spans(mask)  # one per action; zip(strict=True) checks it
         for (start, end), kind in zip(turns, _action_kinds(policy.actions), strict=True):
             totals[f"action/{kind}"] += 1
             hits[f"action/{kind}"] += bool(right[start - 1 : end - 1].all())
