@@ -84,6 +84,11 @@ def get_config(arg=None):
     # copying circuit forms after ~600 updates; a pretrained model has it already).
     config.warm_start.induction_steps = 800 if scratch else 0
     config.warm_start.induction_learning_rate = 3e-3
+    # Loss weight of the demonstrated turns by the tool they call (respond: a message to
+    # the user), within a weighted token mean.
+    config.warm_start.turn_weights = ml_collections.ConfigDict(
+        {"search_company": 1.0, "auth_info_form": 1.0, "make_phone_call": 1.0, "respond": 1.0}
+    )
 
     # Rollout
     config.rollout = ml_collections.ConfigDict()

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,9 @@ from ctu.rl.optim import OptimConfig, make_optimizer
 from ctu.text.conversation import ConversationBuilder, agent_spans, assistant_completion
 from ctu.world import agents, data, tools
 from ctu.world.env import Action, Environment
+
+# What an agent turn can do: call one of the tools, or answer the user.
+TURN_KINDS = (*tools.TOOL_NAMES, tools.RESPOND)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +66,10 @@ class WarmStartConfig:
     # demonstrations: a from-scratch model first learns to copy by content there.
     induction_steps: int = 0
     induction_learning_rate: float = 3e-3
+    # Loss weight of each demonstrated agent turn by the tool it calls (`respond` for a
+    # message to the user); a tool not named weighs 1. The loss is the weighted token
+    # mean, so a weight shifts the loss between kinds of turn.
+    turn_weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.num_tasks < 0:
@@ -80,6 +88,17 @@ class WarmStartConfig:
             )
         if self.warmup_steps < 0 or self.learning_rate <= 0:
             raise ValueError("warm_start.warmup_steps must be >= 0 and learning_rate > 0")
+        object.__setattr__(self, "turn_weights", dict(self.turn_weights))
+        for tool, weight in self.turn_weights.items():
+            if tool not in TURN_KINDS:
+                raise ValueError(
+                    f"warm_start.turn_weights names {tool!r}, which is no tool; use one of "
+                    f"{', '.join(TURN_KINDS)}"
+                )
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ValueError(
+                    f"warm_start.turn_weights.{tool} must be a finite weight >= 0, got {weight}"
+                )
         if self.induction_steps < 0 or self.induction_learning_rate <= 0:
             raise ValueError(
                 "warm_start.induction_steps must be >= 0 and induction_learning_rate > 0, got "
@@ -95,6 +114,7 @@ class Demonstration:
     score: float
     with_feedback: bool
     context_start: int  # first token after the system turns: the user's request on
+    turn_tools: tuple[str, ...] = ()  # the tool each agent turn calls, in order
 
 
 # ---- demonstrations ---------------------------------------------------------------
@@ -139,7 +159,7 @@ def record_episode(
             builder.append_tool(observation)
 
 
-def _demo(task_id, builder, info, with_feedback) -> Demonstration:
+def _demo(task_id, builder, info, with_feedback, actions) -> Demonstration:
     return Demonstration(
         task_id,
         tuple(builder.tokens()),
@@ -147,6 +167,7 @@ def _demo(task_id, builder, info, with_feedback) -> Demonstration:
         info["score"],
         with_feedback,
         builder.system_end,
+        tuple(action.name for action in actions),
     )
 
 
@@ -180,12 +201,14 @@ def heuristic_demonstrations(
             env, policy, task_id, tokenizer, system=prompts.system_prompt(), feedback=feedback
         )
 
+    heuristic = agents.Recorder(agents.Heuristic())
+
     demos = []
     for repeat in range(config.demos_per_task):
         env = Environment(world, tasks, seed=seed + repeat)
         for task in tasks:
-            builder, info = play(env, agents.Heuristic(), task.task_id)
-            demos.append(_demo(task.task_id, builder, info, False))
+            builder, info = play(env, heuristic, task.task_id)
+            demos.append(_demo(task.task_id, builder, info, False, heuristic.actions))
             if rng.random() >= config.feedback_demo_fraction:
                 continue
             wanted = rng.randint(1, config.feedback_demo_attempts)
@@ -210,9 +233,9 @@ def heuristic_demonstrations(
             )
             if not block:
                 continue
-            builder2, info2 = play(env, agents.Heuristic(), task.task_id, feedback=block)
+            builder2, info2 = play(env, heuristic, task.task_id, feedback=block)
             if info2["score"] > max(a.score for a in attempts):
-                demos.append(_demo(task.task_id, builder2, info2, True))
+                demos.append(_demo(task.task_id, builder2, info2, True, heuristic.actions))
     return [d for d in demos if len(d.tokens) <= config.max_len]
 
 
@@ -235,21 +258,29 @@ def bucketed_length(demos: Sequence[Demonstration], max_len: int) -> int:
 
 
 def pad_batch(
-    demos: Sequence[Demonstration], length: int, pad_id: int, rows_multiple: int = 1
+    demos: Sequence[Demonstration],
+    length: int,
+    pad_id: int,
+    rows_multiple: int = 1,
+    turn_weights: Mapping[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Right-pads demonstrations to `length` and the rows, with all-masked rows, to a
     multiple of `rows_multiple`: tokens int32, and float32 masks of the agent's tokens
-    (`loss_mask`) and of the environment's tokens after the system turn (`context_mask`:
-    the user's words, tool results)."""
+    (`loss_mask`, each turn's tokens at `turn_weights[its tool]`, default 1) and of the
+    environment's tokens after the system turn (`context_mask`: the user's words, tool
+    results)."""
     rows = -(-len(demos) // rows_multiple) * rows_multiple
     tokens = np.full((rows, length), pad_id, np.int32)
     mask = np.zeros((rows, length), np.float32)
     context = np.zeros((rows, length), np.float32)
     for row, demo in enumerate(demos):
+        agent = np.asarray(demo.loss_mask, np.float32)
         tokens[row, : len(demo.tokens)] = demo.tokens
-        mask[row, : len(demo.loss_mask)] = demo.loss_mask
-        context[row, demo.context_start : len(demo.tokens)] = 1.0
-    context *= 1.0 - mask
+        context[row, demo.context_start : len(demo.tokens)] = 1.0 - agent[demo.context_start :]
+        if turn_weights:
+            for (start, end), tool in zip(agent_spans(agent), demo.turn_tools, strict=True):
+                agent[start:end] = turn_weights.get(tool, 1.0)
+        mask[row, : len(agent)] = agent
     return {"tokens": tokens, "loss_mask": mask, "context_mask": context}
 
 
@@ -262,8 +293,9 @@ def sft_loss(
     context_weight: float = 0.0,
     prefix_len: int = 0,
 ):
-    """Token-mean negative log-likelihood over the agent's tokens (mask 1), plus
-    `context_weight` times the token-mean over the environment's tokens.
+    """Token-mean negative log-likelihood over the agent's tokens (`loss_mask` > 0,
+    weighted by it), plus `context_weight` times the token-mean over the environment's
+    tokens.
 
     The context term is language modelling on the world's text (what users say, what
     the tools answer) that a from-scratch model has never read; copying names, numbers
@@ -273,13 +305,13 @@ def sft_loss(
     The first `prefix_len` tokens, shared by all rows and carrying no loss, run once
     (ctu.models.shared_prefix); the result is the same as a plain forward's."""
     logp = shared_prefix_token_logp(model, tokens, prefix_len)
-    num_tokens = jnp.maximum(loss_mask.sum(), 1.0)
-    agent_loss = -(logp * loss_mask).sum() / num_tokens
-    accuracy_proxy = (jnp.exp(logp) * loss_mask).sum() / num_tokens
+    total_weight = jnp.maximum(loss_mask.sum(), 1e-9)
+    agent_loss = -(logp * loss_mask).sum() / total_weight
+    accuracy_proxy = (jnp.exp(logp) * loss_mask).sum() / total_weight
     metrics = {
         "sft/loss": agent_loss,
         "sft/mean_token_prob": accuracy_proxy,
-        "sft/tokens": num_tokens,
+        "sft/tokens": (loss_mask > 0).sum().astype(jnp.float32),
     }
     loss = agent_loss
     if context_mask is not None and context_weight > 0:
@@ -454,6 +486,7 @@ def warm_start(
             bucketed_length(chunk, config.max_len),
             tokenizer.pad_token_id,
             rows_multiple=sharding.batch_shards(mesh),
+            turn_weights=config.turn_weights,
         )
         weighted = batch["loss_mask"] + config.context_loss_weight * batch["context_mask"]
         metrics = trainer.step(

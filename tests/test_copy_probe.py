@@ -60,7 +60,7 @@ def test_one_wrong_token_fails_only_its_value(world_and_tokenizer):
 
     # Find where the first episode's company name sits, and break only its last token.
     task = world.split("val")[0]
-    recorder = copy_probe._Recorder(agents.Heuristic(seed=0))
+    recorder = agents.Recorder(agents.Heuristic(seed=0))
     env = Environment(world, [task], seed=0)
     builder, _ = record_episode(
         env, recorder, task.task_id, tokenizer, system=prompts.system_prompt()
@@ -115,7 +115,7 @@ def test_actions_are_scored_whole_and_by_decision(world_and_tokenizer):
     from ctu.world.env import Environment
 
     task = world.split("val")[0]
-    recorder = copy_probe._Recorder(agents.Heuristic(seed=0))
+    recorder = agents.Recorder(agents.Heuristic(seed=0))
     env = Environment(world, [task], seed=0)
     builder, _ = record_episode(
         env, recorder, task.task_id, tokenizer, system=prompts.system_prompt()

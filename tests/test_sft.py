@@ -153,6 +153,50 @@ def test_context_mask_is_the_environment_after_the_system_turns(demos_and_tokeni
         assert user_text.lstrip().startswith("<|im_start|>user")
 
 
+def test_turn_tools_name_each_agent_turn(demos_and_tokenizer):
+    demos, tokenizer = demos_and_tokenizer
+    for demo in demos:
+        spans = sft.agent_spans(demo.loss_mask)
+        assert len(demo.turn_tools) == len(spans)
+        for (start, end), tool in zip(spans, demo.turn_tools, strict=True):
+            text = tokenizer.decode(list(demo.tokens[start:end]))
+            if tool == tools.RESPOND:
+                assert "<tool_call>" not in text
+            else:
+                assert f'"name": "{tool}"' in text
+
+
+def test_turn_weights_scale_their_turns_and_leave_the_context_alone(demos_and_tokenizer):
+    demos, tokenizer = demos_and_tokenizer
+    chosen = demos[:4]
+    length = max(len(d.tokens) for d in chosen)
+    weights = {"auth_info_form": 4.0, tools.RESPOND: 0.0}
+    plain = sft.pad_batch(chosen, length, pad_id=0)
+    weighted = sft.pad_batch(chosen, length, pad_id=0, turn_weights=weights)
+    np.testing.assert_array_equal(weighted["context_mask"], plain["context_mask"])
+    np.testing.assert_array_equal(weighted["tokens"], plain["tokens"])
+    seen = set()
+    for row, demo in enumerate(chosen):
+        expected = np.zeros(length, np.float32)
+        for start, end in sft.agent_spans(demo.loss_mask):
+            # The tool, read back from the turn's text.
+            called = re.search(r'"name": "(\w+)"', tokenizer.decode(list(demo.tokens[start:end])))
+            tool = called.group(1) if called else tools.RESPOND
+            expected[start:end] = weights.get(tool, 1.0)
+            seen.add(tool)
+        np.testing.assert_array_equal(weighted["loss_mask"][row], expected)
+    assert {"auth_info_form", tools.RESPOND, "search_company"} <= seen
+
+
+def test_warm_start_config_checks_turn_weights():
+    config = sft.WarmStartConfig(turn_weights={"auth_info_form": 2.0})
+    assert config.turn_weights == {"auth_info_form": 2.0}
+    with pytest.raises(ValueError, match="auth_form.*no tool"):
+        sft.WarmStartConfig(turn_weights={"auth_form": 2.0})
+    with pytest.raises(ValueError, match="respond must be a finite weight"):
+        sft.WarmStartConfig(turn_weights={"respond": -1.0})
+
+
 def test_sft_loss_adds_the_weighted_context_term():
     import jax
     import jax.numpy as jnp
@@ -175,6 +219,11 @@ def test_sft_loss_adds_the_weighted_context_term():
     np.testing.assert_allclose(weighted, nll_agent + 0.5 * nll_context, rtol=1e-5)
     np.testing.assert_allclose(metrics_w["sft/loss"], metrics["sft/loss"], rtol=1e-6)
     np.testing.assert_allclose(metrics_w["sft/context_loss"], nll_context, rtol=1e-5)
+    # A weighted agent mask gives the weighted mean; the token count ignores the weights.
+    weights = agent * jnp.asarray(rng.uniform(0.5, 4.0, (3, 20)), jnp.float32)
+    loss_w, metrics_w = sft.sft_loss(model, tokens, weights)
+    np.testing.assert_allclose(loss_w, -(logp * weights).sum() / weights.sum(), rtol=1e-5)
+    assert float(metrics_w["sft/tokens"]) == float(agent.sum())
 
 
 def test_warm_start_config_refuses_a_negative_context_weight():

@@ -46,23 +46,6 @@ ACTION_KINDS = (
 )
 
 
-class _Recorder(agents.Policy):
-    """Wraps a scripted policy and keeps the actions it takes."""
-
-    def __init__(self, inner: agents.Policy):
-        self.inner = inner
-        self.actions: list[Action] = []
-
-    def reset(self, task_id, observation, feedback=None):
-        self.actions = []
-        self.inner.reset(task_id, observation, feedback)
-
-    def act(self, observation):
-        action = self.inner.act(observation)
-        self.actions.append(action)
-        return action
-
-
 def _copied_values(action: Action) -> list[tuple[str, str]]:
     kwargs = dict(action.kwargs)
     if action.name == "search_company":
@@ -122,7 +105,7 @@ def teacher_forced_probe(
     hits: collections.Counter = collections.Counter()
     totals: collections.Counter = collections.Counter()
     for task in tasks:
-        policy = _Recorder(agents.Heuristic(seed=seed))
+        policy = agents.Recorder(agents.Heuristic(seed=seed))
         builder, _ = record_episode(
             env, policy, task.task_id, tokenizer, system=prompts.system_prompt()
         )

@@ -59,6 +59,23 @@ class Policy:
         raise NotImplementedError
 
 
+class Recorder(Policy):
+    """Wraps a policy and keeps the actions it takes in the current episode."""
+
+    def __init__(self, inner: Policy):
+        self.inner = inner
+        self.actions: list[Action] = []
+
+    def reset(self, task_id: str, observation: str, feedback: str | None = None) -> None:
+        self.actions = []
+        self.inner.reset(task_id, observation, feedback)
+
+    def act(self, observation: str) -> Action:
+        action = self.inner.act(observation)
+        self.actions.append(action)
+        return action
+
+
 def parse_auth_values(text: str) -> dict[str, str]:
     """Field values a user gave in a form reply or a clarification answer."""
     values = {}
