@@ -359,7 +359,7 @@ class SftTrainer:
         (_, metrics), grads = grad_fn(
             model, batch["tokens"], batch["loss_mask"], batch.get("context_mask")
         )
-        metrics["sft/grad_norm"] = optax.global_norm(grads)
+        metrics["sft/grad_norm"] = optax.tree.norm(grads)
         optimizer.update(model, grads)
         new_state = nnx.state((model, optimizer))
         return jax.lax.with_sharding_constraint(new_state, self._shardings), metrics
