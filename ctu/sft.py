@@ -88,8 +88,7 @@ class WarmStartConfig:
             )
         if self.warmup_steps < 0 or self.learning_rate <= 0:
             raise ValueError("warm_start.warmup_steps must be >= 0 and learning_rate > 0")
-        object.__setattr__(self, "turn_weights", dict(self.turn_weights))
-        for tool, weight in self.turn_weights.items():
+        for tool, weight in dict(self.turn_weights).items():
             if tool not in TURN_KINDS:
                 raise ValueError(
                     f"warm_start.turn_weights names {tool!r}, which is no tool; use one of "
@@ -99,6 +98,9 @@ class WarmStartConfig:
                 raise ValueError(
                     f"warm_start.turn_weights.{tool} must be a finite weight >= 0, got {weight}"
                 )
+        # Weight 1 is every turn's default: only the others change a batch.
+        weights = {tool: w for tool, w in dict(self.turn_weights).items() if w != 1.0}
+        object.__setattr__(self, "turn_weights", weights)
         if self.induction_steps < 0 or self.induction_learning_rate <= 0:
             raise ValueError(
                 "warm_start.induction_steps must be >= 0 and induction_learning_rate > 0, got "
@@ -278,7 +280,9 @@ def pad_batch(
         tokens[row, : len(demo.tokens)] = demo.tokens
         context[row, demo.context_start : len(demo.tokens)] = 1.0 - agent[demo.context_start :]
         if turn_weights:
-            for (start, end), tool in zip(agent_spans(agent), demo.turn_tools, strict=True):
+            for (start, end), tool in zip(
+                agent_spans(demo.loss_mask), demo.turn_tools, strict=True
+            ):
                 agent[start:end] = turn_weights.get(tool, 1.0)
         mask[row, : len(agent)] = agent
     return {"tokens": tokens, "loss_mask": mask, "context_mask": context}

@@ -189,8 +189,8 @@ def test_turn_weights_scale_their_turns_and_leave_the_context_alone(demos_and_to
 
 
 def test_warm_start_config_checks_turn_weights():
-    config = sft.WarmStartConfig(turn_weights={"auth_info_form": 2.0})
-    assert config.turn_weights == {"auth_info_form": 2.0}
+    config = sft.WarmStartConfig(turn_weights={"auth_info_form": 2.0, "respond": 1.0})
+    assert config.turn_weights == {"auth_info_form": 2.0}  # weight 1 is the default
     with pytest.raises(ValueError, match="auth_form.*no tool"):
         sft.WarmStartConfig(turn_weights={"auth_form": 2.0})
     with pytest.raises(ValueError, match="respond must be a finite weight"):
