@@ -76,6 +76,10 @@ def get_config(arg=None):
     config.warm_start.feedback_demo_fraction = 0.5
     config.warm_start.feedback_demo_attempts = 3
     config.warm_start.max_len = 2560  # demonstrations longer than this are left out
+    # Batches pad to a multiple of this: 16 lengths (compilations) in the 400 steps at
+    # 128, 6 at 512. On a GPU a compilation of the tiny model's update takes ~20 s
+    # (docs/results.md section 4), so use 512 there; on the CPU padding costs more.
+    config.warm_start.length_bucket = 128
     # Weight of language modelling on the environment's text (user, tools) beside the
     # agent's turns: a from-scratch model learns to read and copy from it.
     config.warm_start.context_loss_weight = 1.0

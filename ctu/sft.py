@@ -47,6 +47,9 @@ from ctu.world.env import Action, Environment
 TURN_KINDS = (*tools.TOOL_NAMES, tools.RESPOND)
 
 
+LENGTH_BUCKET = 128  # default warm_start.length_bucket
+
+
 @dataclasses.dataclass(frozen=True)
 class WarmStartConfig:
     """`config.warm_start`, validated."""
@@ -61,6 +64,10 @@ class WarmStartConfig:
     feedback_demo_fraction: float = 0.3
     feedback_demo_attempts: int = 1
     max_len: int = 1024
+    # Batches are padded to a multiple of this many tokens: each distinct length is one
+    # compilation of the update, so an accelerator, where compiling dominates, wants
+    # coarser buckets than a CPU, where padding does.
+    length_bucket: int = LENGTH_BUCKET
     context_loss_weight: float = 0.0
     # Updates on the variable-offset copy task (ctu.analysis.induction) before the
     # demonstrations: a from-scratch model first learns to copy by content there.
@@ -74,7 +81,8 @@ class WarmStartConfig:
     def __post_init__(self):
         if self.num_tasks < 0:
             raise ValueError(f"warm_start.num_tasks must be >= 0 (0 = all), got {self.num_tasks}")
-        for name in ("steps", "batch_size", "demos_per_task", "feedback_demo_attempts", "max_len"):
+        names = ("steps", "batch_size", "demos_per_task", "feedback_demo_attempts", "max_len")
+        for name in (*names, "length_bucket"):
             if getattr(self, name) < 1:
                 raise ValueError(f"warm_start.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.feedback_demo_fraction <= 1.0:
@@ -249,14 +257,14 @@ def world_split_for_probe(world: data.World) -> str:
     return "val" if world.split("val") else "train"
 
 
-# Batches are padded to a multiple of this, so a run compiles a few shapes only.
-LENGTH_BUCKET = 128
 WARM_START_DIR = "warm_start"
 
 
-def bucketed_length(demos: Sequence[Demonstration], max_len: int) -> int:
+def bucketed_length(
+    demos: Sequence[Demonstration], max_len: int, bucket: int = LENGTH_BUCKET
+) -> int:
     longest = max(len(d.tokens) for d in demos)
-    return min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, max_len)
+    return min(-(-longest // bucket) * bucket, max_len)
 
 
 def pad_batch(
@@ -487,7 +495,7 @@ def warm_start(
         chunk = next(stream)
         batch = pad_batch(
             chunk,
-            bucketed_length(chunk, config.max_len),
+            bucketed_length(chunk, config.max_len, config.length_bucket),
             tokenizer.pad_token_id,
             rows_multiple=sharding.batch_shards(mesh),
             turn_weights=config.turn_weights,

@@ -293,6 +293,27 @@ class ConfigTest(absltest.TestCase):
         with self.assertRaisesRegex(ValueError, "use one of"):
             train_step.initialize_backend("cuda")
 
+    def test_gpu_backend_leaves_the_plugin_choice_to_jax(self):
+        # jax_platforms="gpu" means "cuda,rocm", which fails where only one is installed.
+        with (
+            mock.patch.object(train_step.jax.config, "update") as update,
+            mock.patch.object(train_step.jax, "default_backend", return_value="gpu"),
+        ):
+            train_step.initialize_backend("gpu")
+            update.assert_not_called()
+        with (
+            mock.patch.object(train_step.jax.config, "update") as update,
+            mock.patch.object(train_step.jax, "default_backend", return_value="tpu"),
+        ):
+            train_step.initialize_backend("tpu")
+            update.assert_called_once_with("jax_platforms", "tpu")
+        with (
+            mock.patch.object(train_step.jax.config, "update") as update,
+            mock.patch.object(train_step.jax, "default_backend", return_value="cpu"),
+            self.assertRaisesRegex(RuntimeError, "backend='gpu' was requested"),
+        ):
+            train_step.initialize_backend("gpu")
+
     def test_cpu_xla_flags_follow_the_jaxlib_version_and_keep_the_users(self):
         import jaxlib
 

@@ -231,6 +231,24 @@ def test_warm_start_config_refuses_a_negative_context_weight():
         sft.WarmStartConfig(context_loss_weight=-1.0)
 
 
+def test_batch_lengths_round_up_to_the_bucket_and_stop_at_max_len():
+    import types
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lengths = rng.integers(1, 3000, rng.integers(1, 6))
+        demos = [types.SimpleNamespace(tokens=[0] * n) for n in lengths]
+        bucket = int(rng.choice([1, 64, 128, 512]))
+        max_len = int(rng.integers(1, 4096))
+        got = sft.bucketed_length(demos, max_len, bucket)
+        if got < max_len:  # the smallest multiple of the bucket that holds them all
+            assert got % bucket == 0 and got - bucket < max(lengths) <= got
+        else:
+            assert got == max_len and max(lengths) > max_len - bucket
+    with pytest.raises(ValueError, match="length_bucket must be >= 1"):
+        sft.WarmStartConfig(length_bucket=0)
+
+
 def test_sft_steps_keep_the_state_placement_and_compile_once():
     """Model and optimizer come back from a step with the shardings they were born with
     (the scalar step counts included), so steps on one batch shape compile once; they

@@ -205,7 +205,10 @@ def initialize_backend(backend: str, *, distributed: bool = False) -> None:
         raise ValueError(f"backend={backend!r}: use one of {BACKENDS}")
     if backend == "cpu":
         add_cpu_xla_flags()
-    jax.config.update("jax_platforms", backend)
+    # "gpu" is left to JAX's own choice among the installed GPU plugins: naming it
+    # expands to "cuda,rocm", and JAX then fails on a machine that has only one of them.
+    if backend != "gpu":
+        jax.config.update("jax_platforms", backend)
     if distributed:
         jax.distributed.initialize()  # Must come before the first device use.
     if jax.default_backend() != backend:
