@@ -1,5 +1,7 @@
 """The sampler benchmark's bandwidth bound, checked against the model config's own counts."""
 
+from unittest import mock
+
 from absl.testing import absltest, parameterized
 
 from ctu.bench import sampler
@@ -21,6 +23,15 @@ class DecodeBoundTest(parameterized.TestCase):
         self.assertEqual(sampler.hbm_bandwidth("NVIDIA H100 PCIe"), 2.0e12)
         self.assertEqual(sampler.hbm_bandwidth("NVIDIA H200"), 4.8e12)
         self.assertIsNone(sampler.hbm_bandwidth("cpu"))
+
+    def test_transformers_runs_where_ours_does(self):
+        import torch
+
+        self.assertEqual(sampler.torch_device(), "cpu")  # the tests' CPU backend
+        with mock.patch.object(sampler.jax, "default_backend", return_value="gpu"):
+            for cuda, want in ((False, "cpu"), (True, "cuda")):
+                with mock.patch.object(torch.cuda, "is_available", return_value=cuda):
+                    self.assertEqual(sampler.torch_device(), want)
 
 
 if __name__ == "__main__":

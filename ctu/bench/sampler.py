@@ -9,7 +9,8 @@ Compile / first-call time is excluded from tokens/s (warm-up) and reported separ
 On CPU, `launch.bench` gives this benchmark one JAX device per core and our sampler
 runs data-parallel over them (a mesh over "data", one decode loop per device): XLA:CPU
 runs a decode step's small matmuls on one core, while PyTorch's `generate` threads
-every op over all cores. Both engines use the same cores.
+every op over all cores. Both engines use the same cores. On a GPU both run there
+(transformers on CUDA when PyTorch can reach it; `torch_device` in the JSON says where).
 
 On GPU a second section times decode of the real-size presets with random weights and
 compares it with the memory-bandwidth bound: every decode step reads all parameters and
@@ -89,24 +90,34 @@ def sampler_runner(model: Qwen, *, batch: int, prompt_len: int, new_tokens: int)
     return run
 
 
+def torch_device() -> str:
+    """Where transformers runs: on the GPU when ours does and PyTorch can reach it."""
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
 def transformers_runner(model: Qwen, *, batch: int, prompt_len: int, new_tokens: int):
     """`run(seed) -> seconds` of transformers `generate` on the same weights (PyTorch)."""
     import torch
     import transformers
 
+    device = torch_device()
     with tempfile.TemporaryDirectory() as folder:
         to_hf(model, model.config, f"{folder}/model")
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(
             f"{folder}/model", dtype=torch.float32
         ).eval()
+    hf_model.to(device)
     prompts_np = _prompts(batch, prompt_len, model.config.vocab_size)
-    prompts = torch.from_numpy(prompts_np.astype(np.int64))
+    prompts = torch.from_numpy(prompts_np.astype(np.int64)).to(device)
     with torch.inference_mode():
         # Same model check: logits of the prompt agree with ours.
         ours = np.asarray(model(jnp.asarray(prompts_np[:4])))
-        theirs = hf_model(prompts[:4]).logits.numpy()
+        theirs = hf_model(prompts[:4]).logits.cpu().numpy()
     info = {
         "max_abs_logit_diff_vs_ours": float(np.abs(ours - theirs).max()),
+        "torch_device": device,
         "torch_threads": torch.get_num_threads(),
         "transformers_version": transformers.__version__,
     }
@@ -127,6 +138,8 @@ def transformers_runner(model: Qwen, *, batch: int, prompt_len: int, new_tokens:
             eos_token_id=None,
             pad_token_id=0,
         )
+        if device == "cuda":
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         if out.shape != (batch, prompt_len + new_tokens):
             raise RuntimeError(f"transformers generated shape {tuple(out.shape)}")
