@@ -156,6 +156,9 @@ def get_config(arg=None):
     config.optimizer.ppo_epochs = 1
     config.optimizer.num_mini_batches = 2
     config.optimizer.num_micro_batches = 1
+    # Rollout batches pad to a multiple of this (a compilation per length); as the warm
+    # start's bucket: 512 on a GPU.
+    config.optimizer.length_bucket = 128
 
     # Schedule, evaluation, checkpoints, logging
     config.total_steps = 12

@@ -130,6 +130,7 @@ def settings_from_config(config) -> RunSettings:
         ppo_epochs=opt.ppo_epochs,
         num_mini_batches=opt.num_mini_batches,
         num_micro_batches=opt.num_micro_batches,
+        length_bucket=opt.length_bucket,
         # Recomputed with the training forward so plain rows start at ratio 1; the
         # learner keeps the sampler's log-probs for `guided` rows (trained under the
         # original prompt, sampled under the critique).

@@ -324,6 +324,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             settings=settings.algorithm,
             rows_multiple=settings.train.rows_multiple() * sharding.batch_shards(s.mesh),
             pad_id=s.tokenizer.pad_token_id,
+            length_multiple=settings.train.length_bucket,
         )
         update_metrics = learner.update(batch, update_key)
 

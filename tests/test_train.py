@@ -251,6 +251,22 @@ def test_overlong_penalty_and_truncation_mask_enter_the_batch():
     assert batch.mask[0].sum() == lengths[0] and batch.mask[1].sum() == 0
 
 
+@pytest.mark.parametrize("bucket", [1, 7, 512])
+def test_batch_length_is_the_smallest_multiple_of_the_bucket(bucket):
+    rng = np.random.default_rng(bucket)
+    group = [_record(rng, 1.0, False, length=int(n)) for n in rng.integers(5, 600, 3)]
+    longest = max(len(r.tokens) for r in group)
+    batch, _ = batching.build_batch(
+        [group], settings=_settings(), rows_multiple=1, pad_id=0, length_multiple=bucket
+    )
+    length = batch.tokens.shape[1]
+    assert length % bucket == 0 and length - bucket < longest <= length
+    config = feedback_dapo.get_config()
+    config.optimizer.length_bucket = 0
+    with pytest.raises(ValueError, match="length_bucket must be a positive int"):
+        run_config.settings_from_config(config)
+
+
 # ---- end to end --------------------------------------------------------------------
 
 

@@ -18,7 +18,8 @@ from ctu.rl import advantages as advantages_lib
 from ctu.rl import shaping
 from ctu.rl.train_step import RolloutBatch
 
-# Padded lengths are multiples of this, so the train step compiles a few shapes only.
+# Padded lengths are multiples of this by default (TrainConfig.length_bucket), so the
+# train step compiles a few shapes only.
 LENGTH_BUCKET = 128
 
 
@@ -48,11 +49,12 @@ def build_batch(
     settings,
     rows_multiple: int,
     pad_id: int,
+    length_multiple: int = LENGTH_BUCKET,
 ) -> tuple[RolloutBatch, dict[str, float]]:
     """The training batch of `groups` (each a list of rollout records) and its stats.
 
     `settings` is the run's AlgorithmSettings. Rows are padded with all-masked rows
-    to a multiple of `rows_multiple`, lengths to a multiple of LENGTH_BUCKET.
+    to a multiple of `rows_multiple`, lengths to a multiple of `length_multiple`.
     """
     if not groups:
         raise ValueError("build_batch needs at least one group of rollouts")
@@ -62,7 +64,7 @@ def build_batch(
     records = [r for g in groups for r in g]
     contexts = [_context(r, original) for r in records]
     longest = max(len(tokens) for tokens, _, _ in contexts)
-    length = -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET
+    length = -(-longest // length_multiple) * length_multiple
     rows = -(-len(records) // rows_multiple) * rows_multiple
 
     tokens = np.full((rows, length), pad_id, np.int32)

@@ -76,6 +76,8 @@ class TrainConfig:
       num_mini_batches: optimizer updates per pass; the rollout batch is split into
         this many mini-batches (shuffled per pass when `shuffle`).
       num_micro_batches: gradient-accumulation chunks per mini-batch.
+      length_bucket: rollout batches are padded to a multiple of this many tokens
+        (ctu.rl.batching.build_batch); each distinct length compiles the step once.
       shuffle: reorder rows before each pass (deterministically from the update's key).
       recompute_old_logp: recompute the behaviour log-probs with the training forward
         before the first update instead of using the sampler's.
@@ -94,6 +96,7 @@ class TrainConfig:
     ppo_epochs: int = 1
     num_mini_batches: int = 1
     num_micro_batches: int = 1
+    length_bucket: int = 128
     shuffle: bool = True
     recompute_old_logp: bool = True
     max_consecutive_nonfinite: int = 3
@@ -104,7 +107,7 @@ class TrainConfig:
     def __post_init__(self):
         # Validates the loss name and its settings (raises ValueError naming them).
         losses.make_settings(self.loss, **self.loss_settings)
-        for name in ("ppo_epochs", "num_mini_batches", "num_micro_batches"):
+        for name in ("ppo_epochs", "num_mini_batches", "num_micro_batches", "length_bucket"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"train.{name} must be a positive int, got {value!r}")
