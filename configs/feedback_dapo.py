@@ -96,7 +96,13 @@ def get_config(arg=None):
 
     # Rollout
     config.rollout = ml_collections.ConfigDict()
+    # jax: the in-process sampler. vllm: a vLLM engine on the GPU (its model folder is
+    # the workdir's vllm_policy/, rewritten after every update); it runs the Hugging Face
+    # architecture, so it needs model.smear=0, e.g. a model.init=hf:PATH checkpoint.
     config.rollout.engine = "jax"  # jax | vllm
+    # vLLM's share of GPU memory (its gpu_memory_utilization); JAX is then limited to
+    # the rest less 0.05 (XLA_PYTHON_CLIENT_MEM_FRACTION) unless that variable is set.
+    config.rollout.vllm_gpu_memory_utilization = 0.4
     config.rollout.tasks_per_step = 4
     config.rollout.group_size = 8
     config.rollout.max_turns = 10

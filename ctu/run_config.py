@@ -29,10 +29,16 @@ class RolloutSettings:
     sampling: SamplingConfig
     runner: RunnerSettings
     groups: GroupSettings
+    vllm_gpu_memory_utilization: float
 
     def __post_init__(self):
         if self.engine not in ENGINES:
             raise ValueError(f"rollout.engine={self.engine!r}: choose one of {ENGINES}.")
+        if not 0.0 < self.vllm_gpu_memory_utilization < 0.95:
+            raise ValueError(
+                f"rollout.vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization}: "
+                "vLLM's fraction of GPU memory, in (0, 0.95); JAX needs the rest."
+            )
         if self.tasks_per_step < 1:
             raise ValueError(f"rollout.tasks_per_step={self.tasks_per_step}: must be >= 1.")
 
@@ -93,6 +99,12 @@ class RunSettings:
         smear = self.model.get("smear", 0)
         if isinstance(smear, float) or int(smear) < 0:
             raise ValueError(f"model.smear={smear!r}: the number of preceding tokens, an int >= 0.")
+        if smear and self.rollout.engine == "vllm":
+            raise ValueError(
+                f"model.smear={smear} with rollout.engine='vllm': vLLM runs the Hugging Face "
+                "architecture, which has no smear gates; use --config.model.smear=0 (a "
+                "pretrained model.init=hf:PATH needs none) or --config.rollout.engine=jax."
+            )
         if smear and init != "scratch":
             raise ValueError(
                 f"model.smear={smear} with model.init={init!r}: a checkpoint's config.json says "
@@ -165,6 +177,7 @@ def settings_from_config(config) -> RunSettings:
             groups=GroupSettings(
                 num_rollouts=roll.group_size, wave_size=fg.wave_size, seed=config.seed
             ),
+            vllm_gpu_memory_utilization=roll.vllm_gpu_memory_utilization,
         ),
         algorithm=AlgorithmSettings(
             advantage=alg.advantage,

@@ -28,8 +28,9 @@ from ctu.rl.checkpoint import Checkpointer
 from ctu.rl.dynamic_sampling import dynamic_sample
 from ctu.rl.train_step import Learner, initialize_backend
 from ctu.rollout import evaluate as rollout_eval
-from ctu.rollout.engine import JaxEngine
+from ctu.rollout.engine import JaxEngine, RolloutEngine
 from ctu.rollout.groups import run_groups
+from ctu.rollout.vllm_engine import VllmEngine
 from ctu.run_config import RunSettings, settings_from_config
 from ctu.text.chat_template import END_OF_TURN
 from ctu.text.tokenizer import load_tokenizer, make_world_tokenizer
@@ -37,6 +38,7 @@ from ctu.world import data, tools
 
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoints"
+VLLM_POLICY_DIR = "vllm_policy"  # the Hugging Face export vLLM samples from
 
 
 @dataclasses.dataclass
@@ -73,6 +75,10 @@ def _tokenizer(settings: RunSettings, workdir: str):
 def setup(config, workdir: str) -> Setup:
     """Settings, backend, mesh, world, tokenizer and the initial model of a run."""
     settings = settings_from_config(config)
+    if settings.rollout.engine == "vllm":
+        # JAX would take 75% of the GPU at start-up, before vLLM asks for its share.
+        jax_share = 0.95 - settings.rollout.vllm_gpu_memory_utilization
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{jax_share:.2f}")
     initialize_backend(settings.backend, distributed=settings.distributed)
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(settings.mesh)
@@ -96,6 +102,27 @@ def setup(config, workdir: str) -> Setup:
             f"tokenizer's ({len(tokenizer)}); use the checkpoint's own tokenizer."
         )
     return Setup(settings, workdir, mesh, world, tokenizer, model_config, model)
+
+
+def rollout_engines(s: Setup, model: nnx.Module) -> tuple[RolloutEngine, RolloutEngine]:
+    """The engine that samples training rollouts and its greedy twin for evaluation;
+    they share one set of weights (`update_weights` on the first serves both)."""
+    rollout = s.settings.rollout
+    eot = s.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    sampling = dataclasses.replace(rollout.sampling, stop_token_ids=(eot,))
+    if rollout.engine == "vllm":
+        engine = VllmEngine.from_model(
+            model,
+            s.model_config,
+            os.path.join(s.workdir, VLLM_POLICY_DIR),
+            sampling,
+            seed=s.settings.seed,
+            gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+            max_model_len=rollout.runner.max_total_tokens,
+        )
+    else:
+        engine = JaxEngine(model, sampling, mesh=s.mesh)
+    return engine, engine.with_sampling(dataclasses.replace(sampling, temperature=0.0))
 
 
 def _warm_start(s: Setup) -> nnx.Module:
@@ -262,7 +289,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # Setup: settings, backend, mesh, world, tokenizer, model.
     s = setup(config, workdir)
     settings = s.settings
-    eot = s.tokenizer.convert_tokens_to_ids(END_OF_TURN)
     checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), settings.checkpoint)
     resuming = checkpointer.latest_step() is not None
 
@@ -284,10 +310,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer = metrics_lib.create_writer(workdir, start_step=start_step, config=config)
 
     # Rollout engines: sampling for training, greedy for evaluation.
-    sampling = dataclasses.replace(settings.rollout.sampling, stop_token_ids=(eot,))
-    engine = JaxEngine(learner.model, sampling, mesh=s.mesh)
-    greedy = dataclasses.replace(sampling, temperature=0.0)
-    eval_engine = JaxEngine(learner.model, greedy, mesh=s.mesh)
+    engine, eval_engine = rollout_engines(s, learner.model)
     if start_step == 0:
         evaluate(s, eval_engine, 0, writer)
 
@@ -298,7 +321,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     for step in bar:
         step_start = time.perf_counter()
         rng, sample_key, update_key = jax.random.split(rng, 3)
-        engine.update_weights(learner.model)
 
         # Rollouts: groups in waves, refilled by dynamic sampling.
         sampler = GroupSampler(s, engine, stream, sample_key, seed=settings.seed + step)
@@ -327,6 +349,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
             length_multiple=settings.train.length_bucket,
         )
         update_metrics = learner.update(batch, update_key)
+        sync_start = time.perf_counter()
+        engine.update_weights(learner.model)  # and the evaluation engine's
+        sync_s = time.perf_counter() - sync_start
 
         # Metrics.
         runs = [w.run for result in sampler.results for w in result.waves]
@@ -338,6 +363,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             "timing_s/rollout": rollout_s,
             "timing_s/generation": sum(r.generation_s for r in runs),
             "timing_s/environment": sum(r.env_s for r in runs),
+            "timing_s/weight_sync": sync_s,
             "waves": float(sum(len(result.waves) for result in sampler.results)),
         }
         if step % settings.log_examples_every == 0:
@@ -345,7 +371,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if settings.debug_conversations:
             _log_conversations(workdir, step, s.tokenizer, all_groups)
         if step % settings.eval_every == 0 or step == settings.total_steps:
-            eval_engine.update_weights(learner.model)
             scalars.update(evaluate(s, eval_engine, step, writer))
 
         # Metrics first, then the checkpoint: a run killed after the checkpoint

@@ -157,3 +157,50 @@ def test_runner_on_vllm_engine(fake_vllm, tmp_path, model, monkeypatch):
         assert record.loss_mask[len(last) :].all() and tail[-1] == EOT
         sampled = record.logprobs[record.loss_mask == 1]
         assert (sampled < 0).all() and not record.logprobs[record.loss_mask == 0].any()
+
+
+def test_greedy_twin_shares_the_llm_and_its_weights(fake_vllm, tmp_path, model):
+    engine = _engine(model, tmp_path, temperature=1.0)
+    greedy = engine.with_sampling(dataclasses.replace(engine.sampling, temperature=0.0))
+    assert greedy.llm is engine.llm and engine.sampling.temperature == 1.0
+    greedy.session(1, 16).generate([[5]], jax.random.key(0))
+    assert engine.llm.requests[-1][1].temperature == 0.0
+    engine.update_weights(model)
+    assert engine.llm.rpcs == [("reload_weights", ())]  # one sync serves both
+
+
+def test_training_job_samples_from_vllm(fake_vllm, tmp_path, monkeypatch):
+    """`rollout.engine=vllm` in the main job: one LLM on the workdir's export, synced
+    after every update, greedy for evaluation; vLLM and JAX share the GPU's memory."""
+    from configs import feedback_dapo
+    from ctu import train
+
+    llms = []
+    monkeypatch.setattr(fake_vllm, "LLM", lambda **kw: llms.append(FakeLLM(**kw)) or llms[-1])
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "")  # restored after the test
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    config = feedback_dapo.get_config("smoke")
+    config.total_steps, config.eval_every, config.eval.num_tasks = 2, 2, 2
+    config.model.smear, config.warm_start.enable = 0, False
+    config.rollout.engine, config.rollout.vllm_gpu_memory_utilization = "vllm", 0.6
+    last = train.train_and_evaluate(config, str(tmp_path))
+
+    assert np.isfinite(last["loss"]) and "val/success" in last
+    (llm,) = llms
+    assert llm.kwargs["model"] == str(tmp_path / train.VLLM_POLICY_DIR)
+    assert llm.kwargs["gpu_memory_utilization"] == 0.6
+    assert llm.kwargs["max_model_len"] == config.rollout.max_total_tokens
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.35"
+    assert llm.rpcs == [("reload_weights", ())] * 2  # after each of the 2 updates
+    temperatures = {sp.temperature for _, sp in llm.requests}
+    assert temperatures == {config.rollout.temperature, 0.0}  # training, evaluation
+
+
+def test_vllm_with_a_smear_model_is_refused_before_anything_runs(tmp_path):
+    from configs import feedback_dapo
+    from ctu import run_config
+
+    config = feedback_dapo.get_config("smoke")
+    config.rollout.engine = "vllm"
+    with pytest.raises(ValueError, match="model.smear=0"):
+        run_config.settings_from_config(config)

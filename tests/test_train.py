@@ -51,6 +51,7 @@ def _flatten(d, prefix=""):
         ("algorithm.feedback_guidance.accumulation_mode", "most", "accumulation_mode"),
         ("algorithm.advantage", "ppo", "algorithm.advantage"),
         ("rollout.engine", "sglang", "rollout.engine"),
+        ("rollout.vllm_gpu_memory_utilization", 0.97, "vllm_gpu_memory_utilization"),
         ("backend", "fpga", "backend"),
         ("model.init", "s3://bucket", "model.init"),
         ("optimizer.learning_rate", -1.0, "learning_rate"),

@@ -21,6 +21,7 @@ pool only has to implement the same two methods.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -50,6 +51,12 @@ class RolloutEngine(Protocol):
         """Makes later sessions (and open ones, at their next call) sample from `model`."""
         ...
 
+    def with_sampling(self, sampling: SamplingConfig) -> RolloutEngine:
+        """An engine that samples with `sampling` from the same weights: one
+        `update_weights` call on either serves both (e.g. greedy evaluation beside
+        tempered training rollouts)."""
+        ...
+
     def session(self, batch_size: int, max_len: int) -> EngineSession:
         """A session of `batch_size` rows, each holding at most `max_len` tokens."""
         ...
@@ -75,18 +82,23 @@ class JaxEngine:
         """`mesh`: the mesh the weights live on (sessions then shard their KV cache);
         None for a single device."""
         self.sampling = sampling
-        self._model = model  # structure and config only; weights come from self._params
-        self._params = nnx.state(model)
+        self._model = model  # structure and config only; the weights are in self._weights
+        self._weights = {"params": nnx.state(model)}  # shared with `with_sampling` copies
         self._cache_dtype = cache_dtype
         self._min_append_bucket = min_append_bucket
         self._mesh = mesh
 
     def update_weights(self, model: nnx.Module) -> None:
-        self._params = nnx.state(model)
+        self._weights["params"] = nnx.state(model)
+
+    def with_sampling(self, sampling: SamplingConfig) -> JaxEngine:
+        engine = copy.copy(self)
+        engine.sampling = sampling
+        return engine
 
     @property
     def params(self) -> nnx.State:
-        return self._params
+        return self._weights["params"]
 
     def session(self, batch_size: int, max_len: int) -> JaxEngineSession:
         if batch_size < 1:

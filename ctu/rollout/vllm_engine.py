@@ -27,7 +27,7 @@ sampling distribution's, as `ctu.sampling` reports them.
 WHAT HAS NOT RUN: vLLM is not installable on the CPU machines this was written on.
 tests/test_rollout_vllm.py runs this module against a fake `vllm` package (the calls,
 arguments, history bookkeeping, stop reasons, log-prob extraction, weight-sync
-sequence); no real vLLM engine, GPU, `reload_weights`, prefix cache or
+sequence, and `launch.train` with rollout.engine=vllm); no real vLLM engine, GPU, `reload_weights`, prefix cache or
 `logprobs_mode` has been exercised. Assumed from vLLM's documentation and not checked:
 a sampled stop token is in `CompletionOutput.token_ids` (when it is not, the turn is
 closed by the conversation builder with an unmasked end-of-turn of its own), and
@@ -36,6 +36,7 @@ closed by the conversation builder with an unmasked end-of-turn of its own), and
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 from collections.abc import Sequence
@@ -125,6 +126,14 @@ class VllmEngine:
         to_hf(model, self.model_config, self.model_dir)
         self.llm.collective_rpc("reload_weights")
         self.llm.reset_prefix_cache()
+
+    def with_sampling(self, sampling: SamplingConfig) -> VllmEngine:
+        """The same `vllm.LLM` (one engine in GPU memory, one weight sync) with other
+        sampling settings. Its log-probs follow the LLM's `logprobs_mode`, chosen for
+        the settings it was created with."""
+        engine = copy.copy(self)
+        engine.sampling = sampling
+        return engine
 
     def session(self, batch_size: int, max_len: int) -> VllmSession:
         if batch_size < 1:
