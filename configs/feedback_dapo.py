@@ -103,6 +103,11 @@ def get_config(arg=None):
     # vLLM's share of GPU memory (its gpu_memory_utilization); JAX is then limited to
     # the rest less 0.05 (XLA_PYTHON_CLIENT_MEM_FRACTION) unless that variable is set.
     config.rollout.vllm_gpu_memory_utilization = 0.4
+    # CPU backend: XLA CPU devices the in-process sampler splits its rows over, one
+    # decode loop each (a tiny model's decode step runs on one core per device;
+    # docs/results.md section 4). The learner keeps the first device. 0: one per core;
+    # 1: sampler and learner share config.mesh.
+    config.rollout.cpu_devices = 0
     config.rollout.tasks_per_step = 4
     config.rollout.group_size = 8
     config.rollout.max_turns = 10

@@ -30,8 +30,14 @@ class RolloutSettings:
     runner: RunnerSettings
     groups: GroupSettings
     vllm_gpu_memory_utilization: float
+    cpu_devices: int
 
     def __post_init__(self):
+        if isinstance(self.cpu_devices, float) or self.cpu_devices < 0:
+            raise ValueError(
+                f"rollout.cpu_devices={self.cpu_devices!r}: CPU devices for the sampler, an "
+                "int >= 1, or 0 for one per core."
+            )
         if self.engine not in ENGINES:
             raise ValueError(f"rollout.engine={self.engine!r}: choose one of {ENGINES}.")
         if not 0.0 < self.vllm_gpu_memory_utilization < 0.95:
@@ -93,6 +99,14 @@ class RunSettings:
         for name in ("total_steps", "eval_every", "checkpoint_every", "log_examples_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1.")
+        if self.backend == "cpu" and self.rollout.cpu_devices != 1:
+            if self.distributed or any(size > 1 for size in self.mesh.values()):
+                raise ValueError(
+                    f"rollout.cpu_devices={self.rollout.cpu_devices} gives the sampler CPU "
+                    "devices of its own and keeps the learner on one device of one process: "
+                    f"it needs mesh sizes of 1 or -1 (got {self.mesh}) and distributed=False; "
+                    "set --config.rollout.cpu_devices=1 to shard the learner instead."
+                )
         init = self.model["init"]
         if init != "scratch" and not init.startswith("hf:"):
             raise ValueError(f"model.init={init!r}: use 'scratch' or 'hf:PATH'.")
@@ -178,6 +192,7 @@ def settings_from_config(config) -> RunSettings:
                 num_rollouts=roll.group_size, wave_size=fg.wave_size, seed=config.seed
             ),
             vllm_gpu_memory_utilization=roll.vllm_gpu_memory_utilization,
+            cpu_devices=roll.cpu_devices,
         ),
         algorithm=AlgorithmSettings(
             advantage=alg.advantage,

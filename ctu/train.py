@@ -26,7 +26,7 @@ from ctu.models import ModelConfig, from_hf
 from ctu.rl import batching
 from ctu.rl.checkpoint import Checkpointer
 from ctu.rl.dynamic_sampling import dynamic_sample
-from ctu.rl.train_step import Learner, initialize_backend
+from ctu.rl.train_step import Learner, cpu_cores, initialize_backend
 from ctu.rollout import evaluate as rollout_eval
 from ctu.rollout.engine import JaxEngine, RolloutEngine
 from ctu.rollout.groups import run_groups
@@ -39,6 +39,7 @@ from ctu.world import data, tools
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoints"
 VLLM_POLICY_DIR = "vllm_policy"  # the Hugging Face export vLLM samples from
+DATA_PARALLEL = {"data": -1, "fsdp": 1, "tensor": 1}
 
 
 @dataclasses.dataclass
@@ -47,7 +48,8 @@ class Setup:
 
     settings: RunSettings
     workdir: str
-    mesh: jax.sharding.Mesh
+    mesh: jax.sharding.Mesh  # the learner's
+    sampler_mesh: jax.sharding.Mesh  # the in-process sampler's (see rollout.cpu_devices)
     world: data.World
     tokenizer: object
     model_config: ModelConfig
@@ -79,9 +81,14 @@ def setup(config, workdir: str) -> Setup:
         # JAX would take 75% of the GPU at start-up, before vLLM asks for its share.
         jax_share = 0.95 - settings.rollout.vllm_gpu_memory_utilization
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{jax_share:.2f}")
-    initialize_backend(settings.backend, distributed=settings.distributed)
+    cpu_devices = (settings.rollout.cpu_devices or cpu_cores()) if settings.backend == "cpu" else 1
+    initialize_backend(settings.backend, distributed=settings.distributed, cpu_devices=cpu_devices)
     os.makedirs(workdir, exist_ok=True)
-    mesh = sharding.make_mesh(settings.mesh)
+    if cpu_devices > 1:  # the learner on the first CPU device, the sampler on all of them
+        mesh = sharding.make_mesh(settings.mesh, devices=jax.devices()[:1])
+        sampler_mesh = sharding.make_mesh(DATA_PARALLEL, devices=jax.devices()[:cpu_devices])
+    else:
+        mesh = sampler_mesh = sharding.make_mesh(settings.mesh)
     world = data.load_world(settings.data_dir)
     tokenizer = _tokenizer(settings, workdir)
     model_settings = settings.model
@@ -101,7 +108,7 @@ def setup(config, workdir: str) -> Setup:
             f"the model's vocabulary ({model_config.vocab_size}) is smaller than the "
             f"tokenizer's ({len(tokenizer)}); use the checkpoint's own tokenizer."
         )
-    return Setup(settings, workdir, mesh, world, tokenizer, model_config, model)
+    return Setup(settings, workdir, mesh, sampler_mesh, world, tokenizer, model_config, model)
 
 
 def rollout_engines(s: Setup, model: nnx.Module) -> tuple[RolloutEngine, RolloutEngine]:
@@ -121,7 +128,7 @@ def rollout_engines(s: Setup, model: nnx.Module) -> tuple[RolloutEngine, Rollout
             max_model_len=rollout.runner.max_total_tokens,
         )
     else:
-        engine = JaxEngine(model, sampling, mesh=s.mesh)
+        engine = JaxEngine(model, sampling, mesh=s.sampler_mesh)
     return engine, engine.with_sampling(dataclasses.replace(sampling, temperature=0.0))
 
 

@@ -124,3 +124,27 @@ def test_jax_engine_params_follow_update_weights():
     engine = JaxEngine(model, SamplingConfig(max_new_tokens=4))
     engine.update_weights(other)
     chex.assert_trees_all_equal(engine.params, nnx.state(other))
+
+
+def test_a_sampler_mesh_of_its_own_samples_what_one_device_samples():
+    """The learner's weights on one device, the sampler on two others (rollout.cpu_devices):
+    the engine copies the weights over, every row's tokens and log-probs are unchanged,
+    and the greedy twin reads the same copy."""
+    from ctu import sharding
+
+    model, other = _model(0), _model(1)
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0)
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[1:3])
+    here, there = JaxEngine(model, sampling), JaxEngine(model, sampling, mesh=mesh)
+    greedy = there.with_sampling(SamplingConfig(max_new_tokens=6, temperature=0.0))
+    prompts = [[5, 6, 7], [9], [11, 12], [13, 14, 15, 16]]
+    for weights in (model, other):
+        here.update_weights(weights)
+        there.update_weights(weights)
+        for leaf in jax.tree.leaves(greedy.params):
+            assert leaf.sharding.device_set == set(jax.devices()[1:3])
+        rng = jax.device_put(jax.random.key(3), jax.devices()[0])  # the learner's device
+        want = here.session(4, 32).generate(prompts, rng)
+        got = there.session(4, 32).generate(prompts, rng)
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)

@@ -8,6 +8,7 @@ import math
 import os
 import types
 
+import jax
 import numpy as np
 import pytest
 
@@ -52,6 +53,8 @@ def _flatten(d, prefix=""):
         ("algorithm.advantage", "ppo", "algorithm.advantage"),
         ("rollout.engine", "sglang", "rollout.engine"),
         ("rollout.vllm_gpu_memory_utilization", 0.97, "vllm_gpu_memory_utilization"),
+        ("rollout.cpu_devices", -1, "cpu_devices"),
+        ("mesh.data", 2, "rollout.cpu_devices=1"),
         ("backend", "fpga", "backend"),
         ("model.init", "s3://bucket", "model.init"),
         ("optimizer.learning_rate", -1.0, "learning_rate"),
@@ -70,6 +73,19 @@ def test_bad_values_are_errors_that_name_the_key(key, value, match):
     section[last] = value
     with pytest.raises(ValueError, match=match):
         run_config.settings_from_config(config)
+
+
+@pytest.mark.parametrize("cpu_devices", [1, 2])
+def test_the_sampler_gets_cpu_devices_of_its_own(tmp_path, cpu_devices):
+    config = feedback_dapo.get_config("smoke")
+    config.rollout.cpu_devices = cpu_devices
+    s = train.setup(config, str(tmp_path))
+    if cpu_devices == 1:  # both on config.mesh: all the devices there are
+        assert s.sampler_mesh is s.mesh and s.mesh.size == jax.device_count()
+    else:
+        assert s.mesh.devices.ravel().tolist() == jax.devices()[:1]
+        assert s.sampler_mesh.devices.ravel().tolist() == jax.devices()[:2]
+        assert s.sampler_mesh.shape["data"] == 2
 
 
 def test_the_learner_takes_the_rollout_temperature():
@@ -315,12 +331,14 @@ def test_smoke_run_resumes_from_its_workdir(smoke_run):
 def test_smoke_run_of_a_plain_model_without_the_copy_task(tmp_path):
     """The default smoke run has the smear and the copy task (the tiny preset's
     defaults); this one has neither, as a pretrained model would: a plain warm start
-    saved and reloaded by the HF loader, rollouts and updates."""
+    saved and reloaded by the HF loader, rollouts and updates; and learner and sampler
+    share one mesh."""
     config = feedback_dapo.get_config("smoke")
     assert config.model.smear == 6 and config.warm_start.induction_steps == 3
     config.total_steps = 1
     config.model.smear = 0
     config.warm_start.induction_steps = 0
+    config.rollout.cpu_devices = 1  # learner and sampler sharded over all 8 test devices
     last = train.train_and_evaluate(config, str(tmp_path))
     assert math.isfinite(last["loss"]) and math.isfinite(last["grad_norm"])
     with open(tmp_path / "warm_start" / "config.json") as f:

@@ -198,16 +198,16 @@ def add_cpu_xla_flags(environ=os.environ, *, devices: int = 0) -> tuple[str, ...
     return added
 
 
-def initialize_backend(backend: str, *, distributed: bool = False) -> None:
+def initialize_backend(backend: str, *, distributed: bool = False, cpu_devices: int = 1) -> None:
     """Selects the platform and, when `distributed`, joins the multi-host job.
 
     Call once at start-up, before anything touches a JAX device. On CPU it also adds
-    `CPU_XLA_FLAGS` (see `add_cpu_xla_flags`).
+    `CPU_XLA_FLAGS` and asks for `cpu_devices` CPU devices (see `add_cpu_xla_flags`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: use one of {BACKENDS}")
     if backend == "cpu":
-        add_cpu_xla_flags()
+        add_cpu_xla_flags(devices=cpu_devices if cpu_devices > 1 else 0)
     # "gpu" is left to JAX's own choice among the installed GPU plugins: naming it
     # expands to "cuda,rocm", and JAX then fails on a machine that has only one of them.
     if backend != "gpu":

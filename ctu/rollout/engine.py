@@ -28,6 +28,7 @@ from typing import Protocol, runtime_checkable
 import jax
 from flax import nnx
 
+from ctu import sharding
 from ctu.sampling import Generation, SamplingConfig, Session
 
 
@@ -79,17 +80,24 @@ class JaxEngine:
         min_append_bucket: int = 16,
         mesh=None,
     ):
-        """`mesh`: the mesh the weights live on (sessions then shard their KV cache);
-        None for a single device."""
+        """`mesh`: the mesh sessions run on (their KV caches sharded over it); None for a
+        single device. Weights that live elsewhere (a learner on a mesh of its own)
+        are copied onto it, replicated, at every `update_weights`."""
         self.sampling = sampling
         self._model = model  # structure and config only; the weights are in self._weights
-        self._weights = {"params": nnx.state(model)}  # shared with `with_sampling` copies
+        self._mesh = mesh
+        self._weights = {}  # shared with `with_sampling` copies
         self._cache_dtype = cache_dtype
         self._min_append_bucket = min_append_bucket
-        self._mesh = mesh
+        self.update_weights(model)
 
     def update_weights(self, model: nnx.Module) -> None:
-        self._weights["params"] = nnx.state(model)
+        params = nnx.state(model)
+        if self._mesh is not None:
+            devices = set(self._mesh.devices.flat)
+            if any(leaf.sharding.device_set != devices for leaf in jax.tree.leaves(params)):
+                params = jax.device_put(params, sharding.replicated(self._mesh))
+        self._weights["params"] = params
 
     def with_sampling(self, sampling: SamplingConfig) -> JaxEngine:
         engine = copy.copy(self)

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from ctu.models import KVCache
 from ctu.sampling import engine
@@ -232,6 +233,8 @@ class Session:
         # The slots this call can fill: the append, then limits - 1 fed samples per row.
         needed = max(int(self._lengths[r] + len(c) + limits[r] - 1) for r, c in chunks.items())
         window = min(next_power_of_two(max(needed, self.min_kv_window)), self.max_len)
+        if self.mesh is not None:  # the caller's key may live on another mesh (a learner's)
+            rng = jax.device_put(rng, jax.sharding.NamedSharding(self.mesh, P()))
         rng_append, rng_decode = jax.random.split(rng)
         lengths = self._lengths + num_new
         if self.mesh is not None:
