@@ -114,6 +114,18 @@ class ForwardTest(chex.TestCase):
         np.testing.assert_array_equal(a[:, :6], b[:, :6])
         self.assertGreater(float(jnp.abs(a[:, 6:] - b[:, 6:]).max()), 1e-3)
 
+    @parameterized.parameters(True, False)
+    def test_logit_positions_pick_rows_of_the_full_logits(self, tied):
+        config = dataclasses.replace(toys.tiny_model_config(), tie_word_embeddings=tied)
+        model = Qwen(config, rngs=nnx.Rngs(1))
+        tokens = jax.random.randint(jax.random.key(0), (3, 9), 0, 128)
+        picks = jnp.array([[8, 0], [3, 3], [5, 1]], jnp.int32)
+        full = forward(model, tokens)
+        got = model(tokens, logit_positions=picks)
+        chex.assert_shape(got, (3, 2, config.vocab_size))
+        want = jnp.take_along_axis(full, picks[..., None], axis=1)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
     def test_bfloat16_close_to_float32(self):
         config = toys.tiny_model_config()
         model32 = toys.tiny_model(config, weight_scale=3.0)

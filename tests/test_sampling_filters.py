@@ -81,6 +81,14 @@ class BucketsTest(parameterized.TestCase):
         for n in range(0, 201):
             self.assertGreaterEqual(append_bucket(n, minimum=8, maximum=200), n)
 
+    def test_append_bucket_above_the_prefill_chunk_is_a_multiple_of_it(self):
+        buckets = {n: append_bucket(n, minimum=16, maximum=2047, step=512) for n in range(2048)}
+        self.assertEqual(set(buckets.values()), {16, 32, 64, 128, 256, 512, 1024, 1536, 2047})
+        for n, bucket in buckets.items():
+            self.assertGreaterEqual(bucket, n)
+            if bucket > 512:  # the least multiple of the chunk that holds n (or the cap)
+                self.assertEqual(bucket, min(-(-n // 512) * 512, 2047))
+
 
 class FiltersTest(chex.TestCase):
     @parameterized.parameters(

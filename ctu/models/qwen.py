@@ -190,6 +190,9 @@ class Qwen(nnx.Module):
     `model(tokens)` is the training forward: tokens int32 [B, T] -> float32 logits
     [B, T, V], positions 0..T-1, causal. `model(tokens, positions=p, cache=c)` returns
     (logits, cache) following the KVCache contract (ctu/models/cache.py).
+    `logit_positions` int32 [B, K] asks for the logits at those time indices only
+    ([B, K, V]): a prefill that samples from each row's last token skips the
+    vocabulary projection of every other position.
     """
 
     def __init__(
@@ -218,6 +221,7 @@ class Qwen(nnx.Module):
         *,
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
+        logit_positions: jax.Array | None = None,
     ):
         batch, length = tokens.shape
         dtype = self.config.jnp_dtype
@@ -250,6 +254,8 @@ class Qwen(nnx.Module):
         rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         for layer, block in enumerate(self.layers):
             x, cache = block(x, positions, rope, mask, cache, layer)
+        if logit_positions is not None:
+            x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
         x = self.final_norm(x)
 
         if self.lm_head is None:

@@ -13,12 +13,18 @@ def batch_bucket(batch_size: int) -> int:
     return next_power_of_two(batch_size)
 
 
-def append_bucket(length: int, *, minimum: int, maximum: int) -> int:
+def append_bucket(length: int, *, minimum: int, maximum: int, step: int | None = None) -> int:
     """Padded length of an append chunk of `length` tokens.
 
-    Powers of two from `minimum`, capped at `maximum` (the session's cache length), so a
-    session compiles its append step at most log2(maximum / minimum) + 2 times.
+    Powers of two from `minimum` up to `step`, then multiples of `step` (the prefill
+    chunk: a longer append is fed `step` columns at a time, so a finer bucket only drops
+    whole pieces of padding: a 1,300-token prompt pads to 1,536, not 2,048), all capped at
+    `maximum` (the session's cache length). A session compiles its append step at most
+    log2(step / minimum) + maximum / step + 2 times.
     """
     if length < 0:
         raise ValueError(f"append length must be >= 0, got {length}.")
-    return min(next_power_of_two(max(length, minimum)), maximum)
+    bucket = next_power_of_two(max(length, minimum))
+    if step is not None and bucket > step:
+        bucket = -(-length // step) * step
+    return min(bucket, maximum)

@@ -76,9 +76,9 @@ def append_step(
 ):
     """Feeds the appended tokens and samples the first new token of every row.
 
-    The tokens are fed `chunk` columns at a time (a `lax.scan`), so the logits
-    `[batch, chunk, vocab]` and attention scores of one piece are all that is live:
-    a long prompt with a large vocabulary never materialises `[batch, T, vocab]`.
+    The tokens are fed `chunk` columns at a time (a `lax.scan`), so the attention
+    scores of one piece are all that is live, and only each row's last real token is
+    projected onto the vocabulary (`[batch, 1, vocab]` per piece).
 
     Args:
       graphdef, state: the model, split with `nnx.split`.
@@ -108,9 +108,13 @@ def append_step(
     def feed(carry, piece):
         cache, last_logits = carry
         start, piece_tokens, piece_positions = piece
-        logits, cache = model(piece_tokens, positions=piece_positions, cache=cache)
         last = num_new - 1 - start  # each row's last real token, relative to this piece
-        here = jnp.take_along_axis(logits, jnp.clip(last, 0, chunk - 1)[:, None, None], axis=1)
+        here, cache = model(
+            piece_tokens,
+            positions=piece_positions,
+            cache=cache,
+            logit_positions=jnp.clip(last, 0, chunk - 1)[:, None],
+        )
         last_logits = jnp.where(((last >= 0) & (last < chunk))[:, None], here[:, 0], last_logits)
         return (cache, last_logits), None
 

@@ -96,7 +96,8 @@ class Session:
           cache_dtype: KV cache dtype; default the model's `KVCache.init` default.
           min_append_bucket: smallest padded append length.
           prefill_chunk: appended tokens per row fed in one model call; bounds the
-            memory of the logits `[rows, prefill_chunk, vocab]` and attention scores.
+            memory of the activations and attention scores. Appends longer than one
+            chunk are padded to a multiple of it (`append_bucket`).
           min_kv_window: smallest KV window. A call runs on a copy of the first W slots
             of the cache, W the power of two (>= min_kv_window, <= max_len) that holds
             every slot the call can fill, so attention reads W slots, not max_len.
@@ -219,6 +220,7 @@ class Session:
             max(len(c) for c in chunks.values()),
             minimum=self.min_append_bucket,
             maximum=self.max_len,
+            step=self.prefill_chunk,
         )
         piece = min(width, self.prefill_chunk)
         width = -(-width // piece) * piece  # slots past max_len are dropped by the model
