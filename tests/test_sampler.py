@@ -231,6 +231,37 @@ class SamplerTest(chex.TestCase):
             self.assertEqual(single.stop_reasons, sharded.stop_reasons)
         self.assertLen(session._cache.k[0].sharding.device_set, 4)
 
+    def test_a_shared_prompt_prefix_is_fed_once_and_changes_nothing(self):
+        # Calls 1 and 2 start empty rows whose prompts share 21 and 17 tokens (fed once,
+        # cut to 16 at a multiple of 8); in call 2 the rows of call 1 sit out with their
+        # histories, which the shared write must leave alone. Call 3 continues every row.
+        rng = np.random.default_rng(3)
+        common, other = _prompts(8, [21, 17])
+        tails = [rng.integers(0, VOCAB, size=n).tolist() for n in (1, 6, 13, 2, 9)]
+        turns = [
+            [common + t for t in tails[:3]] + [None, None],
+            [None, None, None] + [other + t for t in tails[3:]],
+            [[5], [6, 7], [8], [9, 10, 11], [12]],
+        ]
+        mesh = make_mesh({"data": 4, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:4])
+        outs = {}
+        for name, multiple, on in (("whole", 0, None), ("shared", 8, None), ("dp", 8, mesh)):
+            before = engine.TRACE_COUNTS["shared_prefix_step"]
+            session = self._session(
+                SAMPLED, batch_size=5, shared_prefix_multiple=multiple, prefill_chunk=16, mesh=on
+            )
+            outs[name] = [
+                session.generate(a, self.params, jax.random.key(i)) for i, a in enumerate(turns)
+            ]
+            if name == "shared":  # one prefix length (16), traced once
+                self.assertEqual(engine.TRACE_COUNTS["shared_prefix_step"] - before, 1)
+                self._check_against_forward(session, turns, outs[name])
+        for name in ("shared", "dp"):  # rows sharded over 4 devices, one loop each
+            for whole, shared in zip(outs["whole"], outs[name], strict=True):
+                np.testing.assert_array_equal(whole.tokens, shared.tokens)
+                np.testing.assert_allclose(whole.logprobs, shared.logprobs, atol=1e-4)
+                self.assertEqual(whole.stop_reasons, shared.stop_reasons)
+
     def test_user_errors(self):
         if self.SMEAR:
             self.skipTest("the model does not matter here")

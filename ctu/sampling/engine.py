@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from ctu.models import KVCache
 from ctu.sampling.filters import sample_tokens
 from ctu.sampling.settings import SamplingConfig
 from ctu.sharding import DATA_AXIS
@@ -123,6 +124,58 @@ def append_step(
     (cache, last_logits), _ = jax.lax.scan(feed, init, (starts, pieces(tokens), pieces(positions)))
     first_tokens, first_logprobs = sample_tokens(rng, last_logits, config)
     return cache, first_tokens, first_logprobs
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk"), donate_argnames=("cache",))
+def shared_prefix_step(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    cache,
+    prefix: jax.Array,
+    rows: jax.Array,
+    chunk: int,
+):
+    """Feeds a prompt prefix that several rows share once, into all of them.
+
+    The prefix runs as one row on a cache of its own length, `chunk` columns at a time,
+    and its keys, values (and token ids) are then copied into slots `[0, P)` of every
+    row with `rows[b]`; the other rows keep their cache. Those rows must be empty (a
+    prefix starts at slot 0); the caller then appends each row's rest from slot P.
+
+    Args:
+      graphdef, state: the model, split with `nnx.split`.
+      cache: the `KVCache` (donated), at least P slots.
+      prefix: int32 `[1, P]`, every token real; P a multiple of `chunk`.
+      rows: bool `[batch]`, the rows that start with `prefix`.
+      chunk: columns fed per model call.
+    """
+    TRACE_COUNTS["shared_prefix_step"] += 1
+    length = prefix.shape[1]
+    if length % chunk:
+        raise ValueError(f"prefix length {length} is not a multiple of the chunk {chunk}.")
+    model = nnx.merge(graphdef, state)
+    one = KVCache.init(model.config, 1, length, dtype=cache.k[0].dtype)
+
+    def feed(one, start):
+        piece = jax.lax.dynamic_slice_in_dim(prefix, start, chunk, axis=1)
+        positions = start + jnp.arange(chunk, dtype=jnp.int32)[None]
+        last = jnp.zeros((1, 1), jnp.int32)  # no logits wanted: the cheapest one
+        _, one = model(piece, positions=positions, cache=one, logit_positions=last)
+        return one, None
+
+    one, _ = jax.lax.scan(feed, one, jnp.arange(0, length, chunk, dtype=jnp.int32))
+
+    def copy(full, part, slot_axis):
+        head = jax.lax.slice_in_dim(full, 0, length, axis=slot_axis)
+        mask = rows.reshape((-1,) + (1,) * (full.ndim - 1))
+        head = jnp.where(mask, jnp.broadcast_to(part, head.shape), head)
+        return jax.lax.dynamic_update_slice_in_dim(full, head, 0, axis=slot_axis)
+
+    return cache.replace(
+        k=tuple(copy(full, part, 3) for full, part in zip(cache.k, one.k, strict=True)),
+        v=tuple(copy(full, part, 2) for full, part in zip(cache.v, one.v, strict=True)),
+        tokens=None if cache.tokens is None else copy(cache.tokens, one.tokens, 1),
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("cache",))

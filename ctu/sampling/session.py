@@ -16,10 +16,14 @@ slots (W a power of two >= `min_kv_window` holding every slot the call can fill)
 attention reads what the conversations use, not `max_len` slots. Rows can be given
 per-call token limits.
 
+A call whose rows all start empty (a wave's first turn) and share a prompt prefix (the
+system turn) feeds that prefix once and copies its keys and values into each row
+(`engine.shared_prefix_step`), then appends each row's own rest.
+
 Compiles: the decode loop once per window size, the append step once per (append-length
-bucket, window size); both sets are bounded by log2(max_len), shared by all sessions
-with the same model structure, shapes and `SamplingConfig`, and reused when the weights
-change.
+bucket, window size), the shared prefix once per (multiple of `shared_prefix_multiple`,
+window size); all bounded by max_len, shared by all sessions with the same model
+structure, shapes and `SamplingConfig`, and reused when the weights change.
 """
 
 import contextlib
@@ -84,6 +88,7 @@ class Session:
         prefill_chunk: int = 512,
         min_kv_window: int = 256,
         mesh: jax.sharding.Mesh | None = None,
+        shared_prefix_multiple: int = 128,
     ):
         """Creates an empty session.
 
@@ -104,6 +109,10 @@ class Session:
           mesh: the ("data", "fsdp", "tensor") mesh the weights live on, if any: the
             cache is created sharded (rows over data/fsdp, kv heads over tensor), inputs
             are placed batch-sharded and the steps run under the mesh.
+          shared_prefix_multiple: when the rows of a call start empty and share a prompt
+            prefix (the system turn of every rollout of a wave), it is fed once, not per
+            row, cut to a multiple of this many tokens (fed that many at a time; one
+            compilation per multiple). 0 feeds every row's prompt whole.
         """
         if max_len < 2:
             raise ValueError(f"max_len must be >= 2 tokens, got {max_len}.")
@@ -113,12 +122,15 @@ class Session:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}.")
         if min_kv_window < 1:
             raise ValueError(f"min_kv_window must be >= 1, got {min_kv_window}.")
+        if shared_prefix_multiple < 0:
+            raise ValueError(f"shared_prefix_multiple must be >= 0, got {shared_prefix_multiple}.")
         self.sampling = sampling
         self.batch_size = batch_size
         self.max_len = max_len
         self.min_append_bucket = min_append_bucket
         self.prefill_chunk = prefill_chunk
         self.min_kv_window = min_kv_window
+        self.shared_prefix_multiple = shared_prefix_multiple
         self.model_config = model.config
         self.graphdef = nnx.graphdef(model)
         self._rows = batch_bucket(batch_size)
@@ -151,6 +163,25 @@ class Session:
         names = (BATCH_AXES,) + (None,) * (len(shape) - 1)
         spec = fit_spec(names, tuple(shape), self.mesh.shape)
         return jax.sharding.NamedSharding(self.mesh, spec)
+
+    def _shared_prefix(self, chunks: dict[int, list[int]]) -> list[int]:
+        """The leading tokens that every row of this call appends to an empty cache, cut
+        to a multiple of `shared_prefix_multiple` and leaving each row at least one token
+        of its own; [] when there is nothing to share."""
+        multiple = self.shared_prefix_multiple
+        if not multiple or len(chunks) < 2:
+            return []
+        if any(self._lengths[row] or self._pending[row] is not None for row in chunks):
+            return []
+        rows = [np.asarray(chunk, np.int32) for chunk in chunks.values()]
+        limit = min(len(r) for r in rows) - 1
+        first = rows[0][:limit]
+        same = np.ones(limit, bool)
+        for row in rows[1:]:
+            same &= row[:limit] == first
+        shared = limit if same.all() else int(np.argmin(same))
+        shared -= shared % multiple
+        return first[:shared].tolist()
 
     def generate(
         self,
@@ -216,6 +247,15 @@ class Session:
         if not chunks:
             return Generation(tokens, logprobs, num_tokens, tuple(stop_reasons))
 
+        # The slots this call can fill: the append, then limits - 1 fed samples per row.
+        needed = max(int(self._lengths[r] + len(c) + limits[r] - 1) for r, c in chunks.items())
+        window = min(next_power_of_two(max(needed, self.min_kv_window)), self.max_len)
+        start = self._lengths.copy()  # the slot each row's append starts at
+        prefix = self._shared_prefix(chunks)
+        if prefix:
+            chunks = {row: chunk[len(prefix) :] for row, chunk in chunks.items()}
+            start[list(chunks)] = len(prefix)
+
         width = append_bucket(
             max(len(c) for c in chunks.values()),
             minimum=self.min_append_bucket,
@@ -229,26 +269,33 @@ class Session:
         for row, chunk in chunks.items():
             chunk_tokens[row, : len(chunk)] = chunk
             num_new[row] = len(chunk)
-        positions = self._lengths[:, None] + np.arange(width, dtype=np.int32)[None, :]
+        positions = start[:, None] + np.arange(width, dtype=np.int32)[None, :]
         active = num_new > 0
-
-        # The slots this call can fill: the append, then limits - 1 fed samples per row.
-        needed = max(int(self._lengths[r] + len(c) + limits[r] - 1) for r, c in chunks.items())
-        window = min(next_power_of_two(max(needed, self.min_kv_window)), self.max_len)
         if self.mesh is not None:  # the caller's key may live on another mesh (a learner's)
             rng = jax.device_put(rng, jax.sharding.NamedSharding(self.mesh, P()))
         rng_append, rng_decode = jax.random.split(rng)
-        lengths = self._lengths + num_new
+        lengths = start + num_new
+        sharing = np.zeros(self._rows, bool)
+        sharing[list(chunks)] = bool(prefix)
         if self.mesh is not None:
-            chunk_tokens, positions, num_new, lengths, active, limits = (
+            chunk_tokens, positions, num_new, lengths, active, limits, sharing = (
                 jax.device_put(x, self._row_sharding(x.shape))
-                for x in (chunk_tokens, positions, num_new, lengths, active, limits)
+                for x in (chunk_tokens, positions, num_new, lengths, active, limits, sharing)
             )
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             if window < self.max_len:
                 cache = engine.cache_window(self._cache, window=window)
             else:
                 cache, self._cache = self._cache, None  # donated below
+            if prefix:
+                cache = engine.shared_prefix_step(
+                    self.graphdef,
+                    params,
+                    cache,
+                    np.asarray(prefix, np.int32)[None],
+                    sharing,
+                    chunk=self.shared_prefix_multiple,
+                )
             cache, first_tokens, first_logprobs = engine.append_step(
                 self.graphdef,
                 params,
