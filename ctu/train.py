@@ -39,7 +39,6 @@ from ctu.world import data, tools
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoints"
 VLLM_POLICY_DIR = "vllm_policy"  # the Hugging Face export vLLM samples from
-DATA_PARALLEL = {"data": -1, "fsdp": 1, "tensor": 1}
 
 
 @dataclasses.dataclass
@@ -86,7 +85,9 @@ def setup(config, workdir: str) -> Setup:
     os.makedirs(workdir, exist_ok=True)
     if cpu_devices > 1:  # the learner on the first CPU device, the sampler on all of them
         mesh = sharding.make_mesh(settings.mesh, devices=jax.devices()[:1])
-        sampler_mesh = sharding.make_mesh(DATA_PARALLEL, devices=jax.devices()[:cpu_devices])
+        sampler_mesh = sharding.make_mesh(
+            sharding.DATA_PARALLEL, devices=jax.devices()[:cpu_devices]
+        )
     else:
         mesh = sampler_mesh = sharding.make_mesh(settings.mesh)
     world = data.load_world(settings.data_dir)

@@ -11,6 +11,9 @@ without @STEP) | hf:PATH (a Hugging Face folder with its tokenizer). Models deco
 greedily, or sample with --temperature > 0 (and --top_p, --top_k, as training's rollouts
 do). --data defaults to the run's world for a workdir, else data/world.
 
+On CPU a model decodes on one XLA device per core, its rows split between them, as
+training's sampler does (an XLA_FLAGS device count you set yourself is kept).
+
 Writes the metrics JSON atomically to --out (keys: ctu/analysis/model_eval.py) and
 prints a short table.
 """
@@ -20,6 +23,7 @@ import sys
 from absl import app, flags
 
 from ctu.analysis import model_eval
+from ctu.rl.train_step import add_cpu_xla_flags, cpu_cores
 from ctu.world import evaluation
 
 _POLICY = flags.DEFINE_string(
@@ -55,6 +59,7 @@ _OUT = flags.DEFINE_string("out", None, "Where to write the metrics JSON.", requ
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    add_cpu_xla_flags(devices=cpu_cores())  # before JAX opens its CPU backend
     try:
         model_eval.evaluate_and_write(
             _POLICY.value,

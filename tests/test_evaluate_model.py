@@ -1,6 +1,7 @@
 """launch.evaluate on model policies: a tiny run trained in the test (feedback_dapo smoke,
 2 steps), evaluated from its checkpoints and its warm start; then compared."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -125,6 +126,24 @@ def test_checkpoint_at_a_step_restores_what_the_trainer_saved(run_dir, tmp_path)
     assert policy_loading.load_policy(f"checkpoint:{run_dir}").step == 2
     metrics = model_eval.evaluate_loaded(loaded, _world(loaded), "val", num_tasks=NUM_TASKS)
     assert metrics["policy_source"]["step"] == 1 and metrics["mode"] == "cold"
+
+
+def test_on_cpu_a_policy_decodes_on_every_device_what_it_decodes_on_one(run_dir, tmp_path):
+    every_device = {"data": jax.device_count(), "fsdp": 1, "tensor": 1}
+    # An HF folder outside a run would take HF_DEFAULTS' fsdp mesh on an accelerator.
+    shutil.copytree(os.path.join(run_dir, "warm_start"), tmp_path / "model")
+    assert dict(policy_loading.load_policy(f"hf:{tmp_path / 'model'}").mesh.shape) == every_device
+    loaded = policy_loading.load_policy(f"checkpoint:{run_dir}")
+    assert dict(loaded.mesh.shape) == every_device
+    one = dataclasses.replace(
+        loaded, mesh=sharding.make_mesh(sharding.DATA_PARALLEL, devices=jax.devices()[:1])
+    )
+    runs = [
+        model_eval.evaluate_loaded(policy, _world(loaded), "val", num_tasks=6, mode="feedback")
+        for policy in (loaded, one)
+    ]
+    assert runs[0]["episodes"] == 6
+    assert _without_timing(runs[0]) == _without_timing(runs[1])
 
 
 def _world(loaded):

@@ -259,7 +259,7 @@ def load_checkpoint(workdir: str, step: int | None = None) -> LoadedPolicy:
     settings = _run_settings(workdir, config)
     step = _choose_step(workdir, step)
     tokenizer = _run_tokenizer(workdir, settings)
-    mesh = sharding.make_mesh(settings.mesh)
+    mesh = policy_mesh(settings.mesh)
     model_config = _model_config(settings, len(tokenizer))
     directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     model = restore_model(directory, model_config, mesh, step)
@@ -311,7 +311,7 @@ def load_hf(path: str) -> LoadedPolicy:
         )
         max_new_tokens = HF_DEFAULTS["max_new_tokens"]
         dtypes = {"dtype": HF_DEFAULTS["dtype"]}
-    mesh = sharding.make_mesh(mesh_config)
+    mesh = policy_mesh(mesh_config)
     model, model_config = from_hf(path, mesh=mesh, **dtypes)
     return LoadedPolicy(
         spec=PolicySpec("hf", path),
@@ -324,6 +324,19 @@ def load_hf(path: str) -> LoadedPolicy:
         step=None,
         run_config=run_config,
     )
+
+
+def policy_mesh(mesh_config) -> jax.sharding.Mesh:
+    """Where a loaded policy's weights live and its sampler runs.
+
+    On an accelerator, the run's mesh (`mesh_config`). On CPU, every CPU device, data
+    parallel: each holds the whole model and decodes its share of the rows, one decode
+    loop per device, as training's sampler does (`rollout.cpu_devices`); `launch.evaluate`
+    asks for one device per core.
+    """
+    if jax.default_backend() == "cpu":
+        return sharding.make_mesh(sharding.DATA_PARALLEL)
+    return sharding.make_mesh(mesh_config)
 
 
 def _greedy(max_new_tokens: int, tokenizer) -> SamplingConfig:
