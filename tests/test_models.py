@@ -9,7 +9,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 from flax import nnx
 
-from ctu.models import PRESETS, KVCache, ModelConfig, Qwen
+from ctu.models import PRESETS, KVCache, ModelConfig, Qwen, qwen
 from tests import toys
 
 # Published sizes: (hidden, layers, heads, kv heads, head_dim, intermediate, vocab, tied).
@@ -280,6 +280,52 @@ class KVCacheTest(chex.TestCase):
         model.smear.set_value(jnp.zeros_like(model.smear[...]))
         np.testing.assert_allclose(forward(model, tokens), forward(plain, tokens), atol=1e-5)
         self.assertEqual(config.num_params(), self.config.num_params() + config.hidden_size)
+
+    @parameterized.parameters((1, 3), (7, 3), (9, 3), (12, 4), (5, 128))
+    def test_causal_attention_by_query_blocks_is_attention_under_a_causal_mask(self, t, block):
+        q = jnp.asarray(self.rng.normal(size=(2, t, 4, 8)), jnp.float32)
+        k, v = (jnp.asarray(self.rng.normal(size=(2, t, 2, 8)), jnp.float32) for _ in "kv")
+        want = qwen.attend(q, k, v, jnp.tril(jnp.ones((t, t), bool))[None])
+        np.testing.assert_allclose(
+            qwen.attend_causal(q, k, v, block=block), want, atol=1e-6, rtol=1e-6
+        )
+
+        def grads(attention):
+            return jax.grad(lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v))), (0, 1, 2))(
+                q, k, v
+            )
+
+        blocked = grads(lambda q, k, v: qwen.attend_causal(q, k, v, block=block))
+        full = grads(lambda q, k, v: qwen.attend(q, k, v, jnp.tril(jnp.ones((t, t), bool))[None]))
+        for a, b in zip(blocked, full, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+    def test_smear_gradients_equal_those_of_the_cached_path(self):
+        """Training shifts the gathered embeddings; a cached call gathers each
+        predecessor from the table again. Both are the same function of the weights,
+        so their gradients (embeddings, gates, layers) agree."""
+        config = dataclasses.replace(self.config, smear=3)
+        model = toys.tiny_model(config, weight_scale=4.0)
+        tokens = jnp.asarray(self.rng.integers(0, 128, (2, 9)), jnp.int32)
+        positions = jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32), (2, 9))
+        probe = jnp.asarray(self.rng.normal(size=(2, 9, config.vocab_size)), jnp.float32)
+
+        def loss(model, cached):
+            if cached:
+                cache = KVCache.init(config, batch=2, max_len=9)
+                logits, _ = model(tokens, positions=positions, cache=cache)
+            else:
+                logits = model(tokens)
+            return jnp.sum(jnp.tanh(logits) * probe)
+
+        shifted = nnx.grad(loss)(model, False)
+        gathered = nnx.grad(loss)(model, True)
+        self.assertGreater(float(jnp.abs(shifted["smear"][...]).max()), 1e-3)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
+            nnx.to_pure_dict(shifted),
+            nnx.to_pure_dict(gathered),
+        )
 
     def test_wider_smear_with_only_the_first_gate_open_is_the_width_one_smear(self):
         """Width 3 with the gates of 2 and 3 tokens back at 0 is width 1 with the same
