@@ -300,18 +300,6 @@ class KVCacheTest(chex.TestCase):
         for a, b in zip(blocked, full, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
-    @parameterized.parameters((0, 7, 3), (5, 9, 4), (6, 12, 5), (3, 4, 128))
-    def test_cached_attention_by_query_blocks_is_cached_attention(self, first, t, block):
-        """Queries at first..first + t - 1 against a cache of first + t + 2 slots."""
-        slots = first + t + 2
-        q = jnp.asarray(self.rng.normal(size=(2, t, 4, 8)), jnp.float32)
-        k = jnp.asarray(self.rng.normal(size=(2, 2, 8, slots)), jnp.float32)
-        v = jnp.asarray(self.rng.normal(size=(2, 2, slots, 8)), jnp.float32)
-        positions = first + jnp.arange(t)
-        mask = jnp.broadcast_to(jnp.arange(slots)[None] <= positions[:, None], (2, t, slots))
-        blocked = qwen.attend_cache_causal(q, k, v, mask, first, block=block)
-        np.testing.assert_allclose(blocked, qwen.attend_cache(q, k, v, mask), atol=1e-6, rtol=1e-6)
-
     def test_smear_gradients_equal_those_of_the_cached_path(self):
         """Training shifts the gathered embeddings; a cached call gathers each
         predecessor from the table again. Both are the same function of the weights,

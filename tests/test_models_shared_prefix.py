@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ctu.models import qwen, shared_prefix
+from ctu.models import shared_prefix
 from ctu.rl.train_step import token_logp_and_entropy
 from tests import toys
 
@@ -24,15 +24,8 @@ def _batch(vocab: int, seed: int = 0):
     return jnp.asarray(tokens), jnp.asarray(mask)
 
 
-@pytest.fixture(params=[128, 3], ids=["one_block", "blocks_of_3"])
-def causal_block(request, monkeypatch):
-    """Attention's query block (qwen.CAUSAL_BLOCK): longer than the test's sequences,
-    or short enough that prefix and suffix each span several blocks."""
-    monkeypatch.setattr(qwen, "CAUSAL_BLOCK", request.param)
-
-
 @pytest.mark.parametrize("family", ["qwen3", "qwen2", "smear"])
-def test_log_probs_match_the_plain_forward_after_the_prefix(family, causal_block):
+def test_log_probs_match_the_plain_forward_after_the_prefix(family):
     config = toys.tiny_model_config(
         qkv_bias=family == "qwen2", qk_norm=family != "qwen2", smear=2 if family == "smear" else 0
     )
@@ -47,7 +40,7 @@ def test_log_probs_match_the_plain_forward_after_the_prefix(family, causal_block
     )
 
 
-def test_gradients_match_the_plain_forward(causal_block):
+def test_gradients_match_the_plain_forward():
     model = toys.tiny_model(weight_scale=3.0)
     tokens, mask = _batch(model.config.vocab_size, seed=1)
 

@@ -63,7 +63,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
 CAUSAL_BLOCK = 128
 
 
-def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, block: int | None = None):
+def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, block: int = CAUSAL_BLOCK):
     """`attend` under a causal mask (q, k, v of one sequence), a query block at a time.
 
     Queries [i, i + block) see only keys [0, i + block): the masked upper triangle,
@@ -72,9 +72,8 @@ def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, block: int | None = 
     scores are what dominates a long sequence's forward and backward on CPU (the tiny
     model at T = 2048 took ~4x the time of the same tokens at T = 512 with the whole
     square). Equal to `attend` with a lower-triangular mask up to float rounding.
-    `block` None: CAUSAL_BLOCK.
     """
-    t, block = q.shape[1], block or CAUSAL_BLOCK
+    t = q.shape[1]
     outs = []
     for start in range(0, t, block):
         end = min(start + block, t)
@@ -102,30 +101,6 @@ def attend_cache(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> j
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkqs,bksh->bkqh", probs.reshape(b, kv_heads, t * groups, -1), v)
     return out.reshape(b, kv_heads, t, groups, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
-
-
-def attend_cache_causal(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    mask: jax.Array,
-    first_position: int,
-    block: int | None = None,
-) -> jax.Array:
-    """`attend_cache` for queries at positions `first_position + arange(T)` in every row
-    (static): a query block at a time over the slots before the block's end, as
-    `attend_causal`. The slots left out are the ones `mask` hides from the block."""
-    t, block = q.shape[1], block or CAUSAL_BLOCK
-    outs = []
-    for start in range(0, t, block):
-        end = min(start + block, t)
-        slots = min(first_position + end, k.shape[-1])
-        outs.append(
-            attend_cache(
-                q[:, start:end], k[..., :slots], v[:, :, :slots], mask[:, start:end, :slots]
-            )
-        )
-    return jnp.concatenate(outs, axis=1)
 
 
 class RMSNorm(nnx.Module):
@@ -182,7 +157,6 @@ class Attention(nnx.Module):
         mask: jax.Array,
         cache: KVCache | None,
         layer: int,
-        first_position: int | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         q = self._project(x, self.q_proj, self.q_bias, self.q_norm)
         k = self._project(x, self.k_proj, self.k_bias, self.k_norm)
@@ -195,10 +169,7 @@ class Attention(nnx.Module):
         else:
             cache = cache.update(layer, k, v, positions)
             k, v = cache.k[layer].astype(self.dtype), cache.v[layer].astype(self.dtype)
-            if first_position is None:
-                out = attend_cache(q, k, v, mask)
-            else:
-                out = attend_cache_causal(q, k, v, mask, first_position)
+            out = attend_cache(q, k, v, mask)
         out = shard(out, self.rules.act_btnh)
         return jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(self.dtype)), cache
 
@@ -231,10 +202,8 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rules, rngs=rngs)
         self.rules = rules
 
-    def __call__(self, x, positions, rope, mask, cache, layer, first_position=None):
-        attn_out, cache = self.attn(
-            self.input_norm(x), positions, rope, mask, cache, layer, first_position
-        )
+    def __call__(self, x, positions, rope, mask, cache, layer):
+        attn_out, cache = self.attn(self.input_norm(x), positions, rope, mask, cache, layer)
         x = shard(x + attn_out, self.rules.act_btd)
         x = shard(x + self.mlp(self.post_attn_norm(x)), self.rules.act_btd)
         return x, cache
@@ -248,10 +217,7 @@ class Qwen(nnx.Module):
     (logits, cache) following the KVCache contract (ctu/models/cache.py).
     `logit_positions` int32 [B, K] asks for the logits at those time indices only
     ([B, K, V]): a prefill that samples from each row's last token skips the
-    vocabulary projection of every other position. `first_position` (a Python int)
-    promises that every row's `positions` are `first_position + arange(T)`, as in a
-    training forward that continues a shared prefix: attention then skips the slots
-    after each query block (`attend_cache_causal`).
+    vocabulary projection of every other position.
     """
 
     def __init__(
@@ -281,7 +247,6 @@ class Qwen(nnx.Module):
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
         logit_positions: jax.Array | None = None,
-        first_position: int | None = None,
     ):
         batch, length = tokens.shape
         dtype = self.config.jnp_dtype
@@ -313,7 +278,7 @@ class Qwen(nnx.Module):
         x = shard(x, self.rules.act_btd)
         rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         for layer, block in enumerate(self.layers):
-            x, cache = block(x, positions, rope, mask, cache, layer, first_position)
+            x, cache = block(x, positions, rope, mask, cache, layer)
         if logit_positions is not None:
             x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
         x = self.final_norm(x)

@@ -36,17 +36,12 @@ def shared_prefix_logits(model, tokens: jax.Array, prefix_len: int) -> jax.Array
     # (zeros, hidden by causality until the suffix writes them) and is shared by all rows.
     cache = KVCache.init(model.config, batch=1, max_len=prefix_len)
     prefix_logits, cache = model(
-        tokens[:1, :prefix_len],
-        positions=jnp.arange(prefix_len)[None],
-        cache=cache,
-        first_position=0,
+        tokens[:1, :prefix_len], positions=jnp.arange(prefix_len)[None], cache=cache
     )
     cache = cache.grow(length)
     cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch, *x.shape[1:])), cache)
     positions = jnp.broadcast_to(jnp.arange(prefix_len, length)[None], (batch, length - prefix_len))
-    suffix_logits, _ = model(
-        tokens[:, prefix_len:], positions=positions, cache=cache, first_position=prefix_len
-    )
+    suffix_logits, _ = model(tokens[:, prefix_len:], positions=positions, cache=cache)
     last = jnp.broadcast_to(prefix_logits[:, -1:], (batch, 1, prefix_logits.shape[-1]))
     return jnp.concatenate([last, suffix_logits], axis=1)
 
