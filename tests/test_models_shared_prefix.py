@@ -133,3 +133,56 @@ def test_learner_update_with_shared_prefix_equals_the_plain_update(loss):
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5, atol=1e-7)
     for a, b in zip(*params, strict=True):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prefix_len", [0, PREFIX])
+def test_logits_a_slice_at_a_time_equal_the_whole(monkeypatch, prefix_len):
+    """Above LOGITS_CHUNK_ELEMENTS the log-probs, entropies and their gradients come a
+    slice of positions at a time (3 here, which does not divide the length) and equal
+    those of the whole logits."""
+    model = toys.tiny_model(weight_scale=3.0)
+    tokens, mask = _batch(model.config.vocab_size, seed=4)
+
+    def loss(model):
+        logp, entropy = shared_prefix.shared_prefix_token_logp_and_entropy(
+            model, tokens, prefix_len, temperature=0.7
+        )
+        return -(logp * mask).sum() + 0.1 * (entropy * mask).sum(), (logp, entropy)
+
+    results = []
+    for elements in (10**9, 3 * BATCH * model.config.vocab_size):
+        monkeypatch.setattr(shared_prefix, "LOGITS_CHUNK_ELEMENTS", elements)
+        (value, outputs), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+        results.append((value, outputs, jax.tree.leaves(grads)))
+    (value_a, out_a, grads_a), (value_b, out_b, grads_b) = results
+    np.testing.assert_allclose(value_a, value_b, rtol=1e-5)
+    for a, b in zip(out_a, out_b, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert len(grads_a) == len(grads_b) > 0
+    for a, b in zip(grads_a, grads_b, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_the_gradient_a_slice_at_a_time_never_holds_the_whole_logits(monkeypatch):
+    """XLA's own memory plan for a vocabulary that dwarfs the model (as a Qwen's does):
+    with the whole logits the gradient's temporaries are several float32 copies of
+    them (logits, softmax, their gradients); a slice at a time, under half of one."""
+    vocab = 65536
+    model = toys.tiny_model(toys.tiny_model_config(vocab_size=vocab))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, vocab, (4, 256)), jnp.int32)
+    graphdef, params = nnx.split(model)
+
+    def loss(params):
+        logp, entropy = shared_prefix.shared_prefix_token_logp_and_entropy(
+            nnx.merge(graphdef, params), tokens, 0
+        )
+        return logp.sum() + entropy.sum()
+
+    logits_bytes = tokens.size * vocab * 4
+    temp = {}
+    for elements in (10**10, 2**20):
+        monkeypatch.setattr(shared_prefix, "LOGITS_CHUNK_ELEMENTS", elements)
+        compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+        temp[elements] = compiled.memory_analysis().temp_size_in_bytes
+    assert temp[10**10] > 3 * logits_bytes
+    assert temp[2**20] < logits_bytes / 2

@@ -217,7 +217,9 @@ class Qwen(nnx.Module):
     (logits, cache) following the KVCache contract (ctu/models/cache.py).
     `logit_positions` int32 [B, K] asks for the logits at those time indices only
     ([B, K, V]): a prefill that samples from each row's last token skips the
-    vocabulary projection of every other position.
+    vocabulary projection of every other position. `return_hidden=True` returns the
+    final-norm hidden states [B, T, D] in place of the logits, for `project` to turn
+    into logits a slice at a time (a 150k vocabulary's logits outweigh the model's).
     """
 
     def __init__(
@@ -247,6 +249,7 @@ class Qwen(nnx.Module):
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
         logit_positions: jax.Array | None = None,
+        return_hidden: bool = False,
     ):
         batch, length = tokens.shape
         dtype = self.config.jnp_dtype
@@ -282,11 +285,15 @@ class Qwen(nnx.Module):
         if logit_positions is not None:
             x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
         x = self.final_norm(x)
+        out = x if return_hidden else self.project(x)
+        return out if cache is None else (out, cache)
 
+    def project(self, x: jax.Array) -> jax.Array:
+        """Final-norm hidden states [B, T, D] -> float32 logits [B, T, V]."""
         if self.lm_head is None:
             head, equation = self.embed[...], "btd,vd->btv"
         else:
             head, equation = self.lm_head[...], "btd,dv->btv"
+        dtype = self.config.jnp_dtype
         logits = jnp.einsum(equation, x, head.astype(dtype), preferred_element_type=jnp.float32)
-        logits = shard(logits, self.rules.act_btv)
-        return logits if cache is None else (logits, cache)
+        return shard(logits, self.rules.act_btv)

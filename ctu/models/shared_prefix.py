@@ -23,9 +23,14 @@ from ctu.models.cache import KVCache
 # Prefix lengths are rounded down to a multiple of this to bound recompiles.
 PREFIX_BUCKET = 64
 
+# Logits (float32 elements) made at once by `hidden_logp_and_entropy`; more go a slice
+# of positions at a time. 2**27 is 512 MiB: the tiny model's batches (vocabulary 2,048)
+# stay whole; a Qwen vocabulary (151,936) takes 55 positions of 16 rows a slice.
+LOGITS_CHUNK_ELEMENTS = 2**27
 
-def shared_prefix_logits(model, tokens: jax.Array, prefix_len: int) -> jax.Array:
-    """Logits at positions `prefix_len - 1 .. T - 1`: `[B, T - prefix_len + 1, V]`.
+
+def shared_prefix_hidden(model, tokens: jax.Array, prefix_len: int) -> jax.Array:
+    """Final hidden states at positions `prefix_len - 1 .. T - 1`: `[B, T - prefix_len + 1, D]`.
 
     All rows must hold the same `tokens[:, :prefix_len]`; `prefix_len` is static.
     """
@@ -35,15 +40,66 @@ def shared_prefix_logits(model, tokens: jax.Array, prefix_len: int) -> jax.Array
     # The prefix attends over its own slots only; the cache then grows to `length` slots
     # (zeros, hidden by causality until the suffix writes them) and is shared by all rows.
     cache = KVCache.init(model.config, batch=1, max_len=prefix_len)
-    prefix_logits, cache = model(
-        tokens[:1, :prefix_len], positions=jnp.arange(prefix_len)[None], cache=cache
+    prefix_hidden, cache = model(
+        tokens[:1, :prefix_len],
+        positions=jnp.arange(prefix_len)[None],
+        cache=cache,
+        return_hidden=True,
     )
     cache = cache.grow(length)
     cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch, *x.shape[1:])), cache)
     positions = jnp.broadcast_to(jnp.arange(prefix_len, length)[None], (batch, length - prefix_len))
-    suffix_logits, _ = model(tokens[:, prefix_len:], positions=positions, cache=cache)
-    last = jnp.broadcast_to(prefix_logits[:, -1:], (batch, 1, prefix_logits.shape[-1]))
-    return jnp.concatenate([last, suffix_logits], axis=1)
+    suffix_hidden, _ = model(
+        tokens[:, prefix_len:], positions=positions, cache=cache, return_hidden=True
+    )
+    last = jnp.broadcast_to(prefix_hidden[:, -1:], (batch, 1, prefix_hidden.shape[-1]))
+    return jnp.concatenate([last, suffix_hidden], axis=1)
+
+
+def shared_prefix_logits(model, tokens: jax.Array, prefix_len: int) -> jax.Array:
+    """Logits at positions `prefix_len - 1 .. T - 1`: `[B, T - prefix_len + 1, V]`."""
+    return model.project(shared_prefix_hidden(model, tokens, prefix_len))
+
+
+def _logp_and_entropy(logits: jax.Array, targets: jax.Array, temperature: float):
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    logp = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+    return logp, entropy
+
+
+def hidden_logp_and_entropy(
+    model, hidden: jax.Array, targets: jax.Array, temperature: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """Log-probs of `targets` [B, L] and entropies under `model.project(hidden)` [B, L, D].
+
+    When the logits would exceed `LOGITS_CHUNK_ELEMENTS` (read at call time), they are
+    made a slice of positions at a time and remade in the backward pass
+    (`jax.checkpoint`), so only one slice's logits are ever held: a 150k vocabulary's
+    logits over 16 x 2,048 tokens are 20 GB in float32, several times that with the
+    softmax and its gradient, against 2 GB for the 0.6B model's weights.
+    """
+    batch, length, width = hidden.shape
+    vocab = model.config.vocab_size
+    step = max(1, LOGITS_CHUNK_ELEMENTS // (batch * vocab))
+    if step >= length:
+        return _logp_and_entropy(model.project(hidden), targets, temperature)
+    chunks = -(-length // step)
+    pad = chunks * step - length
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    # [chunks, B, step, ...]: rows stay whole in each slice, so their sharding holds.
+    hidden = hidden.reshape(batch, chunks, step, width).swapaxes(0, 1)
+    targets = targets.reshape(batch, chunks, step).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(args):
+        h, t = args
+        return _logp_and_entropy(model.project(h), t, temperature)
+
+    logp, entropy = jax.lax.map(one, (hidden, targets))
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, chunks * step)[:, :length]  # noqa: E731
+    return unchunk(logp), unchunk(entropy)
 
 
 def shared_prefix_token_logp_and_entropy(
@@ -56,12 +112,10 @@ def shared_prefix_token_logp_and_entropy(
     `temperature` divides the logits first: the distribution a sampler at that
     temperature draws from, whose log-probs it reports as the behaviour's."""
     if prefix_len == 0:
-        logits, start = model(tokens)[:, :-1], 1
+        hidden, start = model(tokens, return_hidden=True)[:, :-1], 1
     else:
-        logits, start = shared_prefix_logits(model, tokens, prefix_len)[:, :-1], prefix_len
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-    logp = jnp.take_along_axis(log_probs, tokens[:, start:, None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+        hidden, start = shared_prefix_hidden(model, tokens, prefix_len)[:, :-1], prefix_len
+    logp, entropy = hidden_logp_and_entropy(model, hidden, tokens[:, start:], temperature)
     pad = ((0, 0), (start, 0))
     return jnp.pad(logp, pad), jnp.pad(entropy, pad)
 
