@@ -128,3 +128,22 @@ def test_actions_are_scored_whole_and_by_decision(world_and_tokenizer):
     one = copy_probe.teacher_forced_probe(model, tokenizer, world, "val", num_tasks=1)
     assert one["action/first_form"] == 0.0 and one["action/episode"] == 0.0
     assert all(v == 1.0 for k, v in one.items() if k not in ("action/first_form", "action/episode"))
+
+
+def test_a_model_is_probed_without_baking_its_weights_into_the_program(world_and_tokenizer):
+    """The probe passes a module's weights to its compiled forward as an argument; closed
+    over, they became constants of every compilation (2.4 GB for qwen3_0p6b, whose
+    probe then did not finish compiling in minutes on an H100)."""
+    import warnings
+
+    world, tokenizer = world_and_tokenizer
+    model = toys.tiny_model(toys.tiny_model_config(vocab_size=len(tokenizer)))
+    before = jax.config.jax_captured_constants_warn_bytes
+    jax.config.update("jax_captured_constants_warn_bytes", 1024)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*constants were captured.*")
+            scores = copy_probe.teacher_forced_probe(model, tokenizer, world, "val", num_tasks=2)
+    finally:
+        jax.config.update("jax_captured_constants_warn_bytes", before)
+    assert 0.0 <= scores["action/episode"] <= 1.0
