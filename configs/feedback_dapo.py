@@ -137,6 +137,11 @@ def get_config(arg=None):
     config.algorithm.dual_clip = 0.0  # 0 turns dual-clip off; else c > 1
     config.algorithm.kl_coef = 0.0
     config.algorithm.advantage = "grpo"  # grpo (mean/std) | dr_grpo (mean only) | rloo
+    # The distribution the learner trains. full: the whole softmax, as verl and TRL do.
+    # sampled: the one the rollouts were drawn from (rollout.top_k / top_p), each
+    # token's support fixed at the update's start. Trained on the whole softmax, tokens
+    # the sampler never draws take the probability negative advantages push out.
+    config.algorithm.learner_support = "full"  # full | sampled
 
     config.algorithm.dynamic_sampling = ml_collections.ConfigDict()
     config.algorithm.dynamic_sampling.enable = True

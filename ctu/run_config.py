@@ -20,6 +20,7 @@ from ctu.sft import WarmStartConfig
 
 ENGINES = ("jax", "vllm")
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+LEARNER_SUPPORTS = ("full", "sampled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +151,12 @@ def settings_from_config(config) -> RunSettings:
         "guided_objective": fg.guided_objective,
         "shaping_gamma": fg.shaping_gamma,
     }
+    if alg.learner_support not in LEARNER_SUPPORTS:
+        raise ValueError(
+            f"algorithm.learner_support={alg.learner_support!r}: choose one of "
+            f"{LEARNER_SUPPORTS} (the whole softmax, or the rollouts' top-k / top-p support)."
+        )
+    sampled = alg.learner_support == "sampled" and roll.temperature > 0
     train = TrainConfig(
         loss=alg.loss,
         loss_settings=loss_settings,
@@ -163,6 +170,8 @@ def settings_from_config(config) -> RunSettings:
         recompute_old_logp=True,
         # Log-probs of the distribution the rollouts were drawn from (greedy: the raw one).
         temperature=roll.temperature if roll.temperature > 0 else 1.0,
+        top_p=roll.top_p if sampled else 1.0,
+        top_k=roll.top_k if sampled else 0,
         optim=OptimConfig(
             learning_rate=opt.learning_rate,
             warmup_steps=opt.warmup_steps,

@@ -93,8 +93,8 @@ class TemperatureTest(chex.TestCase):
         for row, prompt in enumerate(prompts):
             history = prompt + out.row_tokens(row)
             tokens[row, : len(history)] = history
-        tempered = np.asarray(learner.compute_logp(jnp.asarray(tokens)))
-        raw = np.asarray(plain.compute_logp(jnp.asarray(tokens)))
+        tempered = np.asarray(learner.compute_logp(jnp.asarray(tokens))[0])
+        raw = np.asarray(plain.compute_logp(jnp.asarray(tokens))[0])
         for row, prompt in enumerate(prompts):
             span = slice(len(prompt), len(prompt) + out.num_tokens[row])
             np.testing.assert_allclose(tempered[row, span], out.row_logprobs(row), atol=1e-4)
@@ -202,7 +202,7 @@ class SharedLearnerTest(chex.TestCase):
         batch = _batch(0, guided=np.arange(8) < 3)
         prepared = self.learner.prepare(self.learner.shard_batch(batch))
         np.testing.assert_array_equal(prepared.old_logp[:3], batch.old_logp[:3])
-        recomputed = self.learner.compute_logp(jnp.asarray(batch.tokens))
+        recomputed = self.learner.compute_logp(jnp.asarray(batch.tokens))[0]
         np.testing.assert_array_equal(prepared.old_logp[3:], recomputed[3:])
         self.assertFalse(np.allclose(batch.old_logp[3:], recomputed[3:]))
 

@@ -51,6 +51,7 @@ def _flatten(d, prefix=""):
     [
         ("algorithm.feedback_guidance.accumulation_mode", "most", "accumulation_mode"),
         ("algorithm.advantage", "ppo", "algorithm.advantage"),
+        ("algorithm.learner_support", "nucleus", "algorithm.learner_support"),
         ("rollout.engine", "sglang", "rollout.engine"),
         ("rollout.vllm_gpu_memory_utilization", 0.97, "vllm_gpu_memory_utilization"),
         ("rollout.cpu_devices", -1, "cpu_devices"),

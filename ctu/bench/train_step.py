@@ -75,7 +75,7 @@ def _prepared_batch(learner, tokens, mask, advantages):
         tokens=batch.tokens,
         mask=batch.mask,
         advantages=batch.advantages,
-        old_logp=learner.compute_logp(batch.tokens),
+        old_logp=learner.compute_logp(batch.tokens)[0],
     )
 
 

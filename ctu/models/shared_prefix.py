@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ctu.models.cache import KVCache
+from ctu.sampling.filters import support_floor
 
 # Prefix lengths are rounded down to a multiple of this to bound recompiles.
 PREFIX_BUCKET = 64
@@ -61,17 +62,56 @@ def shared_prefix_logits(model, tokens: jax.Array, prefix_len: int) -> jax.Array
     return model.project(shared_prefix_hidden(model, tokens, prefix_len))
 
 
-def _logp_and_entropy(logits: jax.Array, targets: jax.Array, temperature: float):
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+def _logp_and_entropy(logits, targets, temperature: float, floor=None):
+    """Log-probs of `targets` and entropies under softmax(logits / temperature), restricted
+    where `floor` is given to the scaled logits above it (the target always kept)."""
+    scaled = logits.astype(jnp.float32) / temperature
+    if floor is None:
+        log_probs = jax.nn.log_softmax(scaled, axis=-1)
+        logp = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        return logp, -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+    ids = jnp.arange(scaled.shape[-1])
+    keep = (scaled > floor[..., None]) | (ids == targets[..., None])
+    log_probs = jax.nn.log_softmax(jnp.where(keep, scaled, -jnp.inf), axis=-1)
     logp = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
-    return logp, entropy
+    # 0 outside the support, where exp(-inf) * -inf would be NaN in value and gradient.
+    safe = jnp.where(keep, log_probs, 0.0)
+    return logp, -jnp.sum(jnp.exp(safe) * safe * keep, axis=-1)
+
+
+def _map_positions(model, fn, hidden: jax.Array, *per_position: jax.Array):
+    """`fn(model.project(hidden), *per_position)` for outputs `[B, L]`, made a slice of
+    positions at a time (remade in the backward pass) above `LOGITS_CHUNK_ELEMENTS`."""
+    batch, length, width = hidden.shape
+    step = max(1, LOGITS_CHUNK_ELEMENTS // (batch * model.config.vocab_size))
+    if step >= length:
+        return fn(model.project(hidden), *per_position)
+    chunks = -(-length // step)
+    pad = chunks * step - length
+
+    def slices(x):
+        # [chunks, B, step, ...]: rows stay whole in each slice, so their sharding holds.
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        return x.reshape(batch, chunks, step, *x.shape[2:]).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(args):
+        h, *rest = args
+        return fn(model.project(h), *rest)
+
+    out = jax.lax.map(one, tuple(slices(x) for x in (hidden, *per_position)))
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, chunks * step)[:, :length]  # noqa: E731
+    return jax.tree.map(unchunk, out)
 
 
 def hidden_logp_and_entropy(
-    model, hidden: jax.Array, targets: jax.Array, temperature: float = 1.0
+    model, hidden: jax.Array, targets: jax.Array, temperature: float = 1.0, floor=None
 ) -> tuple[jax.Array, jax.Array]:
     """Log-probs of `targets` [B, L] and entropies under `model.project(hidden)` [B, L, D].
+
+    `floor` [B, L] (optional) restricts each position's distribution to the scaled logits
+    above it, the target always included (`support_floor`: the sampler's top-k /
+    top-p support); -inf keeps all.
 
     When the logits would exceed `LOGITS_CHUNK_ELEMENTS` (read at call time), they are
     made a slice of positions at a time and remade in the backward pass
@@ -79,45 +119,58 @@ def hidden_logp_and_entropy(
     logits over 16 x 2,048 tokens are 20 GB in float32, several times that with the
     softmax and its gradient, against 2 GB for the 0.6B model's weights.
     """
-    batch, length, width = hidden.shape
-    vocab = model.config.vocab_size
-    step = max(1, LOGITS_CHUNK_ELEMENTS // (batch * vocab))
-    if step >= length:
-        return _logp_and_entropy(model.project(hidden), targets, temperature)
-    chunks = -(-length // step)
-    pad = chunks * step - length
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    # [chunks, B, step, ...]: rows stay whole in each slice, so their sharding holds.
-    hidden = hidden.reshape(batch, chunks, step, width).swapaxes(0, 1)
-    targets = targets.reshape(batch, chunks, step).swapaxes(0, 1)
+    if floor is None:
+        fn = lambda logits, t: _logp_and_entropy(logits, t, temperature)  # noqa: E731
+        return _map_positions(model, fn, hidden, targets)
+    fn = lambda logits, t, f: _logp_and_entropy(logits, t, temperature, f)  # noqa: E731
+    return _map_positions(model, fn, hidden, targets, floor)
 
-    @jax.checkpoint
-    def one(args):
-        h, t = args
-        return _logp_and_entropy(model.project(h), t, temperature)
 
-    logp, entropy = jax.lax.map(one, (hidden, targets))
-    unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, chunks * step)[:, :length]  # noqa: E731
-    return unchunk(logp), unchunk(entropy)
+def _hidden(model, tokens: jax.Array, prefix_len: int) -> tuple[jax.Array, int]:
+    """Hidden states predicting tokens[:, start:], and start (1, or prefix_len)."""
+    if prefix_len == 0:
+        return model(tokens, return_hidden=True)[:, :-1], 1
+    return shared_prefix_hidden(model, tokens, prefix_len)[:, :-1], prefix_len
 
 
 def shared_prefix_token_logp_and_entropy(
-    model, tokens: jax.Array, prefix_len: int, temperature: float = 1.0
+    model, tokens: jax.Array, prefix_len: int, temperature: float = 1.0, floor=None
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token log-probs and entropies `[B, T]` aligned with `tokens`
     (docs/architecture.md: the value at t is about token t, predicted at t - 1),
     0 before `prefix_len`; with prefix_len 0, the plain forward.
 
     `temperature` divides the logits first: the distribution a sampler at that
-    temperature draws from, whose log-probs it reports as the behaviour's."""
-    if prefix_len == 0:
-        hidden, start = model(tokens, return_hidden=True)[:, :-1], 1
-    else:
-        hidden, start = shared_prefix_hidden(model, tokens, prefix_len)[:, :-1], prefix_len
-    logp, entropy = hidden_logp_and_entropy(model, hidden, tokens[:, start:], temperature)
+    temperature draws from, whose log-probs it reports as the behaviour's. `floor`
+    `[B, T]`, aligned the same way (`shared_prefix_sampled_logp`), restricts each
+    token's distribution to the sampler's support."""
+    hidden, start = _hidden(model, tokens, prefix_len)
+    extra = () if floor is None else (floor[:, start:],)
+    logp, entropy = hidden_logp_and_entropy(model, hidden, tokens[:, start:], temperature, *extra)
     pad = ((0, 0), (start, 0))
     return jnp.pad(logp, pad), jnp.pad(entropy, pad)
+
+
+def shared_prefix_sampled_logp(model, tokens: jax.Array, prefix_len: int, sampling):
+    """Per-token log-probs under the sampler's distribution and their support floors,
+    both `[B, T]` aligned with `tokens` (0 and -inf before `prefix_len`).
+
+    `sampling` is the rollouts' `SamplingConfig`: each position's distribution is the
+    one `ctu.sampling.filters.sample_tokens` draws from given these logits (temperature,
+    top-k, top-p), so on the sampler's weights the log-probs are the ones it reported.
+    The floors (`support_floor`) then hold that support fixed for
+    `shared_prefix_token_logp_and_entropy` while the weights move.
+    """
+    hidden, start = _hidden(model, tokens, prefix_len)
+
+    def fn(logits, targets):
+        flat = logits.reshape(-1, logits.shape[-1])
+        floor = support_floor(flat, sampling).reshape(logits.shape[:-1])
+        return _logp_and_entropy(logits, targets, sampling.temperature, floor)[0], floor
+
+    logp, floor = _map_positions(model, fn, hidden, tokens[:, start:])
+    pad = ((0, 0), (start, 0))
+    return jnp.pad(logp, pad), jnp.pad(floor, pad, constant_values=-jnp.inf)
 
 
 def shared_prefix_token_logp(model, tokens: jax.Array, prefix_len: int) -> jax.Array:

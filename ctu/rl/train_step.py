@@ -50,10 +50,12 @@ from ctu import metrics as ctu_metrics
 from ctu import sharding
 from ctu.models.shared_prefix import (
     common_prefix_length,
+    shared_prefix_sampled_logp,
     shared_prefix_token_logp_and_entropy,
 )
 from ctu.rl import losses
 from ctu.rl.optim import OptimConfig, learning_rate_schedule, make_optimizer
+from ctu.sampling.settings import SamplingConfig
 
 BACKENDS = ("cpu", "gpu", "tpu")
 # Metrics that are sums over the micro-batches; all others are token-weighted means.
@@ -89,6 +91,14 @@ class TrainConfig:
         computes (policy, recomputed behaviour, reference) divides the logits by it,
         so it is of the distribution the sampler drew from and reported (the JAX
         sampler and vLLM's processed log-probs alike); 1 for plain or greedy sampling.
+      top_p, top_k: the support the learner trains, as `SamplingConfig`'s (1 and 0: the
+        whole distribution, as verl and TRL train). Set to the rollouts' own, the learner
+        trains the distribution they were drawn from: before the first update each
+        token's support under the current weights is found (its `support_floor`), the
+        behaviour log-probs are recomputed under it, and every update's log-probs
+        renormalise over that same support. Trained on the whole distribution instead,
+        negative advantages move probability into tokens the sampler never draws
+        (docs/results.md section 2).
     """
 
     loss: str = "dapo"
@@ -103,6 +113,8 @@ class TrainConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     peak_flops_per_device: float | None = None
     temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
 
     def __post_init__(self):
         # Validates the loss name and its settings (raises ValueError naming them).
@@ -121,8 +133,17 @@ class TrainConfig:
                 f"train.temperature must be > 0 (the rollouts' sampling temperature; 1 for "
                 f"greedy rollouts), got {self.temperature!r}"
             )
+        try:
+            _ = self.sampling  # validates top_p and top_k
+        except ValueError as e:
+            raise ValueError(f"train.top_p / train.top_k: {e}") from None
         if not isinstance(self.optim, OptimConfig):
             raise TypeError(f"train.optim must be an OptimConfig, got {type(self.optim)}")
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        """The distribution the learner trains, as sampler settings."""
+        return SamplingConfig(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
 
     @property
     def needs_reference(self) -> bool:
@@ -141,7 +162,8 @@ class RolloutBatch:
 
     `old_logp` is the behaviour policy's log-prob of each token (from the sampler; it
     is replaced when `recompute_old_logp`). `advantages` is `[B]` or `[B, T]`.
-    `ref_logp` is filled by the learner when the loss needs it.
+    `ref_logp` is filled by the learner when the loss needs it, and `support_floor` when
+    it trains a top-k / top-p distribution (`TrainConfig.top_p`).
     """
 
     tokens: jax.Array
@@ -150,6 +172,7 @@ class RolloutBatch:
     old_logp: jax.Array
     ref_logp: jax.Array | None = None
     guided: jax.Array | None = None
+    support_floor: jax.Array | None = None
 
     @property
     def batch_size(self) -> int:
@@ -287,7 +310,11 @@ def mini_batch_gradients(
 
     def micro_loss(params, micro):
         logp, entropy = shared_prefix_token_logp_and_entropy(
-            nnx.merge(graphdef, params, rest), micro.tokens, prefix_len, config.temperature
+            nnx.merge(graphdef, params, rest),
+            micro.tokens,
+            prefix_len,
+            config.temperature,
+            micro.support_floor,
         )
         return losses.policy_loss(
             config.loss,
@@ -378,21 +405,26 @@ class Learner:
 
     def _compute_logp(
         self, model_state: nnx.State, tokens: jax.Array, prefix_len: int = 0
-    ) -> jax.Array:
-        """Per-token log-probs of `tokens` under `model_state`, micro-batch by micro-batch.
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Per-token log-probs of `tokens` under `model_state`, micro-batch by micro-batch,
+        and the support floors they are under (None: the whole distribution).
 
         Chunks have the training micro-batch's rows, so the logits fit where training's do.
         """
         model = nnx.merge(self._model_graphdef, model_state)
         chunks = _split_rows(tokens, self.config.rows_multiple())
+        sampling = self.config.sampling
 
         def forward(chunk):
             chunk = _constrain_rows(chunk)
-            return shared_prefix_token_logp_and_entropy(
-                model, chunk, prefix_len, self.config.temperature
-            )[0]
+            if sampling.filtered:
+                return shared_prefix_sampled_logp(model, chunk, prefix_len, sampling)
+            logp, _ = shared_prefix_token_logp_and_entropy(
+                model, chunk, prefix_len, sampling.temperature
+            )
+            return logp, None
 
-        return _merge_rows(jax.lax.map(forward, chunks))
+        return jax.tree.map(_merge_rows, jax.lax.map(forward, chunks))
 
     def _train_step(
         self, state: nnx.State, batch: RolloutBatch, rows: jax.Array, prefix_len: int = 0
@@ -417,8 +449,9 @@ class Learner:
 
     def compute_logp(
         self, tokens: jax.Array, *, reference: bool = False, prefix_len: int = 0
-    ) -> jax.Array:
-        """Per-token log-probs `[B, T]` of sharded `tokens` under the policy (or reference)."""
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Per-token log-probs `[B, T]` of sharded `tokens` under the policy (or reference)
+        and the support floors they were taken under (None for the whole distribution)."""
         if reference and self.reference is None:
             raise ValueError(f"loss {self.config.loss!r} has no KL term, so there is no reference")
         model_state = self.reference if reference else nnx.state(self.model)
@@ -426,23 +459,25 @@ class Learner:
             return self._logp(model_state, tokens, prefix_len)
 
     def prepare(self, batch: RolloutBatch, prefix_len: int = 0) -> RolloutBatch:
-        """Fills `old_logp` (if recomputed) and `ref_logp` (if the loss needs them).
+        """Fills `old_logp` (if recomputed), `support_floor` (if the learner trains a
+        top-k / top-p distribution) and `ref_logp` (if the loss needs it).
 
         Rows marked `guided` keep the sampler's `old_logp`: they were sampled under
-        another context (the prompt with the critique), which only the sampler saw.
+        another context (the prompt with the critique), which only the sampler saw. The
+        reference's log-probs are under its own top-k / top-p support.
         """
         self._check_batch(batch)
-        if self.config.recompute_old_logp:
-            old_logp = self.compute_logp(batch.tokens, prefix_len=prefix_len)
-            if batch.guided is not None:
+        if self.config.recompute_old_logp or self.config.sampling.filtered:
+            old_logp, floor = self.compute_logp(batch.tokens, prefix_len=prefix_len)
+            if not self.config.recompute_old_logp:
+                old_logp = batch.old_logp
+            elif batch.guided is not None:
                 guided = batch.guided if batch.guided.ndim == 2 else batch.guided[:, None]
                 old_logp = jnp.where(guided, batch.old_logp, old_logp)
-            batch = dataclasses.replace(batch, old_logp=old_logp)
+            batch = dataclasses.replace(batch, old_logp=old_logp, support_floor=floor)
         if self.reference is not None:
-            batch = dataclasses.replace(
-                batch,
-                ref_logp=self.compute_logp(batch.tokens, reference=True, prefix_len=prefix_len),
-            )
+            ref_logp, _ = self.compute_logp(batch.tokens, reference=True, prefix_len=prefix_len)
+            batch = dataclasses.replace(batch, ref_logp=ref_logp)
         return batch
 
     def train_step(

@@ -16,19 +16,22 @@ import jax.numpy as jnp
 from ctu.sampling.settings import SamplingConfig
 
 
+def _nucleus(values: jax.Array, top_p: float) -> jax.Array:
+    """Which of the candidates (scaled logits, descending) the top-p rule keeps: a token
+    stays while the mass of the more likely ones is still short of top_p; the most likely
+    token always stays."""
+    probs = jax.nn.softmax(values, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    return (mass_before < top_p).at[..., 0].set(True)
+
+
 def _sorted_candidates(logits: jax.Array, config: SamplingConfig):
     """Candidate logits (descending) and their vocab ids, outside the support set to -inf."""
     vocab = logits.shape[-1]
     k = min(config.top_k, vocab) if config.top_k > 0 else vocab
     values, ids = jax.lax.top_k(logits / config.temperature, k)
     if config.top_p < 1.0:
-        probs = jax.nn.softmax(values, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        # Keep a token while the mass of the more likely ones is still short of top_p;
-        # the most likely token always stays.
-        keep = mass_before < config.top_p
-        keep = keep.at[..., 0].set(True)
-        values = jnp.where(keep, values, -jnp.inf)
+        values = jnp.where(_nucleus(values, config.top_p), values, -jnp.inf)
     return values, ids
 
 
@@ -126,3 +129,31 @@ def sampling_logprobs(logits: jax.Array, config: SamplingConfig) -> jax.Array:
     return jnp.put_along_axis(
         dense, ids, jax.nn.log_softmax(values, axis=-1), axis=-1, inplace=False
     )
+
+
+def support_floor(logits: jax.Array, config: SamplingConfig) -> jax.Array:
+    """A floor under the sampling support in scaled logits (logits / temperature), `[batch]`.
+
+    The support of `sample_tokens`' distribution is the tokens whose scaled logit is
+    above this floor: it lies halfway between the least likely token kept and the most
+    likely one left out, so logits recomputed by another program (rounding a few ulps
+    apart) select the same tokens. -inf when nothing is filtered (or greedy decoding).
+    A learner that masks the logits below it trains the distribution the sampler drew
+    from (`ctu.models.shared_prefix.hidden_logp_and_entropy`).
+    """
+    chex.assert_rank(logits, 2)
+    batch, vocab = logits.shape
+    if config.greedy or not config.filtered:
+        return jnp.full((batch,), -jnp.inf, jnp.float32)
+    k = min(config.top_k, vocab) if config.top_k > 0 else vocab
+    # One candidate past the top k: the most likely token top-k leaves out. (Slicing
+    # top_k's output made XLA:CPU run it 16 times slower: masked instead.)
+    values, _ = jax.lax.top_k(logits.astype(jnp.float32) / config.temperature, min(k + 1, vocab))
+    in_top_k = jnp.arange(values.shape[-1]) < k
+    kept = jnp.full((batch,), k)
+    if config.top_p < 1.0:
+        nucleus = _nucleus(jnp.where(in_top_k, values, -jnp.inf), config.top_p)
+        kept = jnp.sum(nucleus & in_top_k, axis=-1)
+    last_in = jnp.take_along_axis(values, kept[:, None] - 1, axis=-1)[:, 0]
+    first_out = jnp.take_along_axis(values, jnp.minimum(kept, vocab - 1)[:, None], axis=-1)[:, 0]
+    return jnp.where(kept < vocab, (last_in + first_out) / 2, -jnp.inf)
