@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ctu.backend import BACKENDS
 from ctu.feedback_guidance import FeedbackGuidanceConfig
 from ctu.rl.checkpoint import CheckpointConfig
 from ctu.rl.optim import OptimConfig
-from ctu.rl.train_step import BACKENDS, TrainConfig
+from ctu.rl.train_step import TrainConfig
 from ctu.rollout.groups import GroupSettings
 from ctu.rollout.records import RunnerSettings
 from ctu.sampling.settings import SamplingConfig

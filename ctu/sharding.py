@@ -57,7 +57,7 @@ class ShardingRules:
 
 DEFAULT_RULES = ShardingRules()
 # Rows split over every device, weights whole on each: the in-process sampler's mesh on
-# CPU devices (one decode loop per core; ctu.rl.train_step.add_cpu_xla_flags).
+# CPU devices (one decode loop per core; ctu.backend.add_cpu_xla_flags).
 DATA_PARALLEL = {"data": -1, "fsdp": 1, "tensor": 1}
 
 

@@ -22,11 +22,12 @@ from tqdm import tqdm
 
 from ctu import metrics as metrics_lib
 from ctu import sft, sharding
+from ctu.backend import cpu_cores, initialize_backend
 from ctu.models import ModelConfig, from_hf
 from ctu.rl import batching
 from ctu.rl.checkpoint import Checkpointer
 from ctu.rl.dynamic_sampling import dynamic_sample
-from ctu.rl.train_step import Learner, cpu_cores, initialize_backend
+from ctu.rl.train_step import Learner
 from ctu.rollout import evaluate as rollout_eval
 from ctu.rollout.engine import JaxEngine, RolloutEngine
 from ctu.rollout.groups import run_groups

@@ -2,7 +2,7 @@ r"""Benchmarks: `python -m launch.bench NAME --out=FILE.json`.
 
 NAME is one of the modules in ctu/bench (env, feedback_update, sampler, train_step).
 Each writes its figures as JSON to --out and prints them. The XLA:CPU flags the
-training programs use (`ctu.rl.train_step.CPU_XLA_FLAGS`) apply here too; a benchmark
+training programs use (`ctu.backend.CPU_XLA_FLAGS`) apply here too; a benchmark
 module with `ONE_CPU_DEVICE_PER_CORE = True` (the sampler) also gets one CPU device
 per core.
 """
@@ -12,7 +12,7 @@ import json
 
 from absl import app, flags
 
-from ctu.rl.train_step import add_cpu_xla_flags, cpu_cores
+from ctu.backend import add_cpu_xla_flags, cpu_cores
 
 BENCHMARKS = ("env", "feedback_update", "sampler", "train_step")
 

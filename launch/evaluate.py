@@ -23,7 +23,7 @@ import sys
 from absl import app, flags
 
 from ctu.analysis import model_eval
-from ctu.rl.train_step import add_cpu_xla_flags, cpu_cores
+from ctu.backend import add_cpu_xla_flags, cpu_cores
 from ctu.world import evaluation
 
 _POLICY = flags.DEFINE_string(

@@ -17,7 +17,7 @@ import json
 
 from absl import app, flags
 
-from ctu.rl.train_step import add_cpu_xla_flags
+from ctu.backend import add_cpu_xla_flags
 
 _MODEL = flags.DEFINE_string("model", "tiny", "A ctu.models preset.")
 _QK_NORM = flags.DEFINE_enum("qk_norm", "preset", ["preset", "on", "off"], "q/k RMSNorm.")

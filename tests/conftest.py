@@ -7,7 +7,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from ctu.rl.train_step import add_cpu_xla_flags  # noqa: E402  (imports JAX; opens no backend)
+from ctu.backend import add_cpu_xla_flags  # noqa: E402  (imports JAX; opens no backend)
 
 add_cpu_xla_flags()  # the flags the programs run with on CPU
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
