@@ -1,5 +1,7 @@
 """Scripted policies: the oracle solves every task, the heuristic sits in between."""
 
+import re
+
 import pytest
 
 from ctu.world import agents, data, evaluation, phone
@@ -155,3 +157,56 @@ def test_feedback_helps_the_heuristic_and_not_the_others():
     assert heuristic["with_feedback"]["success_rate"] > heuristic["success_rate"]
     assert metrics["oracle"]["with_feedback"]["retried"] == 0
     assert metrics["random"]["with_feedback"]["success_rate"] == metrics["random"]["success_rate"]
+
+
+def test_heuristic_thoughts_state_the_decisions_its_actions_follow():
+    """Before the first form the thought routes each request to the department whose
+    directory line offers it, and the form is those departments' prior fields (with
+    substitutes for the ones the user lacks); before a call it names the department
+    whose number is dialled. Checked against the world on every train task."""
+    world = toys.shipped_world()
+    route = re.compile(r"([a-z][a-z ]*?)(?:,| and|\.) \(([A-Z][a-z]+(?: [A-Z][a-z]+)*)\)")
+    forms = calls = 0
+    for task in world.split("train"):
+        company = world.companies[task.company_id]
+        by_name = {d.name: d for d in company.departments}
+        policy = agents.Recorder(agents.Heuristic())
+        env = Environment(world, [task])
+        observation = env.reset(task.task_id)
+        policy.reset(task.task_id, observation)
+        thoughts = []
+        while True:
+            action = policy.act(observation)
+            thoughts.append(policy.thought)
+            result = env.step(action)
+            observation = result.observation
+            if result.done:
+                break
+        names = [a.name for a in policy.actions]
+        if "auth_info_form" in names:
+            at = names.index("auth_info_form")
+            requests = re.match(r"Requests: (.+?\.(?: \([A-Za-z ]+\))?)(?: |$)", thoughts[at])
+            requests = requests.group(1)
+            # the user's own list, word for word, once the departments are taken out
+            assert re.sub(r" \([A-Za-z ]+\)", "", requests)[:-1] in task.user_request
+            routes = [(r.removeprefix("and "), name) for r, name in route.findall(requests)]
+            assert routes, thoughts[at]
+            for request, name in routes:
+                assert request in task.user_request
+                assert request.replace(" my ", " your ") in by_name[name].description
+            lacks = re.search(r"Lacks ([a-z_, 0-9]+)\.", thoughts[at])
+            lacking = set(lacks.group(1).split(", ")) if lacks else set()
+            fields = set(policy.actions[at].kwargs["fields"])
+            assert not fields & lacking
+            if not lacking:
+                kinds = {by_name[name].type for _, name in routes}
+                assert fields == {f for k in kinds for f in agents.AUTH_PRIOR[k]}
+            forms += 1
+        for action, thought in zip(policy.actions, thoughts, strict=True):
+            if action.name == "make_phone_call":
+                name, number = re.fullmatch(r"Call (.+): (\+[-\d]+)\.", thought).groups()
+                assert by_name[name].phone_number == number == action.kwargs["phone_number"]
+                calls += 1
+            elif action.name != "auth_info_form":
+                assert thought == ""
+    assert forms > 400 and calls > forms

@@ -75,6 +75,11 @@ class Recorder(Policy):
         self.actions.append(action)
         return action
 
+    @property
+    def thought(self) -> str:
+        """The inner policy's reason for its last action ("" when it gives none)."""
+        return getattr(self.inner, "thought", "")
+
 
 def parse_auth_values(text: str) -> dict[str, str]:
     """Field values a user gave in a form reply or a clarification answer."""
@@ -232,7 +237,18 @@ class FeedbackHints:
 
 
 class Heuristic(Policy):
-    """Directory search + type prior + lessons from the phone, within one episode."""
+    """Directory search + type prior + lessons from the phone, within one episode.
+
+    After each action `thought` says, in a line, the decision behind it, for
+    demonstrations that reason before they act (`warm_start.thoughts`): before the
+    first form, the user's requests in their words, each followed by the user's own
+    separator and then the department whose directory line offers it, and the fields
+    the user lacks ("Requests: freeze my account and (Fraud) get a refund. (Billing)
+    Lacks account_number."); before a call, the department and its number as the
+    directory lists them ("Call Fraud: +1-800-555-0100."); otherwise
+    "". Each separator comes straight after the words it follows in the user's
+    message, so whether the list goes on is read where it is copied from.
+    """
 
     def __init__(self, seed=0):
         del seed  # deterministic: the same observations give the same actions
@@ -241,12 +257,13 @@ class Heuristic(Policy):
         del task_id  # the heuristic does not peek at the task
         self.hints = FeedbackHints.parse(feedback or "")
         self.message = observation
-        self.requests = [
-            phrase.replace(" my ", " your ")
+        self.asks = [  # the user's requests in their words, in the order they come
+            phrase
             for _, phrase in sorted(
                 (observation.find(p), p) for p in data.REQUEST_PHRASES.values() if p in observation
             )
         ]
+        self.requests = [phrase.replace(" my ", " your ") for phrase in self.asks]  # as listed
         match = _LACKING.search(observation)
         phrases = match.group(1).split(" or my ") if match else []
         self.lacking = {_FIELD_BY_PHRASE[p] for p in phrases if p in _FIELD_BY_PHRASE}
@@ -261,9 +278,11 @@ class Heuristic(Policy):
         self.transcript = ""
         self.last: Action | None = None
         self.actions = 0
+        self.thought = ""
 
     def act(self, observation: str) -> Action:
         self.transcript += observation + "\n"
+        self.thought = ""
         action = self._next(observation)
         self.last = action
         self.actions += 1
@@ -282,6 +301,8 @@ class Heuristic(Policy):
         return Action("auth_info_form", {"fields": fields})
 
     def _call(self, name: str) -> Action:
+        # The directory's own "Name: number", so the number is copied from its line.
+        self.thought = f"Call {name}: {self.departments[name][0]}."
         self.attempts[name] = self.attempts.get(name, 0) + 1
         auth = {f: self.values[f] for f in self.guess[name] if f in self.values}
         return Action(
@@ -320,12 +341,19 @@ class Heuristic(Policy):
                 self.searches += 1
                 return Action("search_company", {"company_name": self.company_name})
             return Action("respond", {"content": "Sorry, I could not find that company."})
-        for request in self.requests:
+        routes = []
+        for k, (ask, request) in enumerate(zip(self.asks, self.requests, strict=True)):
             name = next((n for n, (_, d) in self.departments.items() if request in d), None)
+            after = "." if k == len(self.asks) - 1 else "," if k < len(self.asks) - 2 else " and"
+            routes.append(ask + after + ("" if name is None else f" ({name})"))
             if name is not None and name not in self.plan:
                 self.plan.append(name)
+        thought = [f"Requests: {' '.join(routes)}"] if routes else []
         if not self.plan:
             self.plan = [next(iter(self.departments))]
+            thought.append(f"Try {self.plan[0]}.")
+        lacks = [f for f in data.AUTH_FIELDS if f in self.lacking]
+        self.thought = " ".join(thought + ([f"Lacks {', '.join(lacks)}."] if lacks else []))
         for name in self.departments:
             self.guess[name] = self._guess_fields(name)
         self._apply_hints()
