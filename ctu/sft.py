@@ -5,14 +5,8 @@ agent (ctu.world.agents.Heuristic) — not the oracle: the heuristic guesses aut
 fields from the department-type prior and learns routing from the phone, so RL
 still has the per-company requirements and the routing to learn.
 
-Some demonstrations read a `<previous_attempts>` block and act on it: the prompt
-carries critiques of earlier failed attempts at the task (the heuristic's own, and
-the random policy's, whose malformed calls, unknown companies and missing fields are
-the failures a weak RL policy makes), and the heuristic follows what they say (the
-company, the fields to ask for, add or drop, the department to reach first).
-
-Demonstrations are token ids built token-in/token-out with the conversation
-builder, so the loss mask is 1 exactly on the agent's turns.
+Some demonstrations read a `<previous_attempts>` block and act on it
+(ctu.demonstrations builds them, as token ids with a loss mask on the agent's turns).
 """
 
 from __future__ import annotations
@@ -21,7 +15,6 @@ import dataclasses
 import functools
 import math
 import os
-import random
 import time
 from collections.abc import Mapping, Sequence
 
@@ -33,15 +26,15 @@ from absl import logging
 from flax import nnx
 
 from ctu import feedback_guidance as fg
-from ctu import prompts, sharding
+from ctu import sharding
 from ctu.analysis import induction
 from ctu.analysis.copy_probe import ACTION_KINDS, teacher_forced_probe
+from ctu.demonstrations import Demonstration, heuristic_demonstrations
 from ctu.models import from_hf, to_hf
 from ctu.models.shared_prefix import common_prefix_length, shared_prefix_token_logp
 from ctu.rl.optim import OptimConfig, make_optimizer
-from ctu.text.conversation import ConversationBuilder, agent_spans, assistant_completion
-from ctu.world import agents, data, tools
-from ctu.world.env import Action, Environment
+from ctu.text.conversation import agent_spans
+from ctu.world import data, tools
 
 # What an agent turn can do: call one of the tools, or answer the user.
 TURN_KINDS = (*tools.TOOL_NAMES, tools.RESPOND)
@@ -77,6 +70,10 @@ class WarmStartConfig:
     # message to the user); a tool not named weighs 1. The loss is the weighted token
     # mean, so a weight shifts the loss between kinds of turn.
     turn_weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    # Demonstrated turns open with the heuristic's reason in a <think> block (which
+    # department handles each request; which one it calls): the policy writes its
+    # decision down next to the action that follows from it.
+    thoughts: bool = False
 
     def __post_init__(self):
         if self.num_tasks < 0:
@@ -114,139 +111,6 @@ class WarmStartConfig:
                 "warm_start.induction_steps must be >= 0 and induction_learning_rate > 0, got "
                 f"{self.induction_steps} and {self.induction_learning_rate}"
             )
-
-
-@dataclasses.dataclass(frozen=True)
-class Demonstration:
-    task_id: str
-    tokens: tuple[int, ...]
-    loss_mask: tuple[int, ...]
-    score: float
-    with_feedback: bool
-    context_start: int  # first token after the system turns: the user's request on
-    turn_tools: tuple[str, ...] = ()  # the tool each agent turn calls, in order
-
-
-# ---- demonstrations ---------------------------------------------------------------
-
-
-def action_message(action: Action) -> dict:
-    """The assistant message that performs `action` in the chat format."""
-    if action.name == tools.RESPOND:
-        return {"role": "assistant", "content": action.kwargs["content"]}
-    call = {"type": "function", "function": {"name": action.name, "arguments": action.kwargs}}
-    return {"role": "assistant", "content": "", "tool_calls": [call]}
-
-
-def record_episode(
-    env: Environment,
-    policy: agents.Policy,
-    task_id: str,
-    tokenizer,
-    *,
-    system: str,
-    feedback: str | None = None,
-) -> tuple[ConversationBuilder, dict]:
-    """Plays one episode with a scripted policy; returns its conversation and final info.
-
-    `feedback` is the `<previous_attempts>` block the policy reads before it starts;
-    the model reads it in a system turn of its own after `system`."""
-    builder = ConversationBuilder(tokenizer, tools.TOOL_SCHEMAS)
-    observation = env.reset(task_id)
-    policy.reset(task_id, observation, feedback)
-    builder.start(system, observation, feedback=feedback)
-    while True:
-        action = policy.act(observation)
-        text = assistant_completion(tokenizer, action_message(action), tools.TOOL_SCHEMAS)
-        builder.append_assistant(tokenizer.encode(text, add_special_tokens=False))
-        step = env.step(action)
-        if step.done:
-            return builder, step.info
-        observation = step.observation
-        if action.name == tools.RESPOND:
-            builder.append_user(observation)
-        else:
-            builder.append_tool(observation)
-
-
-def _demo(task_id, builder, info, with_feedback, actions) -> Demonstration:
-    return Demonstration(
-        task_id,
-        tuple(builder.tokens()),
-        tuple(builder.loss_mask()),
-        info["score"],
-        with_feedback,
-        builder.system_end,
-        tuple(action.name for action in actions),
-    )
-
-
-def heuristic_demonstrations(
-    world: data.World,
-    tasks: Sequence[data.Task],
-    tokenizer,
-    config: WarmStartConfig,
-    guidance: fg.FeedbackGuidanceConfig,
-    *,
-    seed: int = 0,
-) -> list[Demonstration]:
-    """Heuristic episodes on `tasks`, plus feedback-reading attempts.
-
-    For a `feedback_demo_fraction` of tasks, a second heuristic attempt reads a
-    `<previous_attempts>` block with the critiques of 1 to `feedback_demo_attempts`
-    earlier failed attempts (the number drawn uniformly): the heuristic's own first
-    attempt when it failed, the last, after random-policy attempts
-    (`agents.RandomPolicy`), so a block looks like what RL's guided rollouts read.
-    The heuristic acts on what they say (`agents.FeedbackHints`); its attempt is kept
-    only when it scores higher than every earlier one. Episodes longer than `max_len`
-    tokens are left out.
-    """
-    rng = random.Random(seed)
-
-    def count_tokens(text: str) -> int:
-        return len(tokenizer.encode(text, add_special_tokens=False))
-
-    def play(env, policy, task_id, feedback=None):
-        return record_episode(
-            env, policy, task_id, tokenizer, system=prompts.system_prompt(), feedback=feedback
-        )
-
-    heuristic = agents.Recorder(agents.Heuristic())
-
-    demos = []
-    for repeat in range(config.demos_per_task):
-        env = Environment(world, tasks, seed=seed + repeat)
-        for task in tasks:
-            builder, info = play(env, heuristic, task.task_id)
-            demos.append(_demo(task.task_id, builder, info, False, heuristic.actions))
-            if rng.random() >= config.feedback_demo_fraction:
-                continue
-            wanted = rng.randint(1, config.feedback_demo_attempts)
-            earlier = [] if info["score"] >= 1.0 else [info]
-            # Random attempts that happen to succeed are skipped; a few tries suffice.
-            for trial in range(4 * wanted):
-                if len(earlier) == wanted:
-                    break
-                policy = agents.RandomPolicy(seed=f"{seed}:{repeat}:{trial}")
-                _, failed = play(env, policy, task.task_id)
-                if failed["score"] < 1.0:
-                    earlier.insert(0, failed)
-            attempts = [
-                fg.Attempt(k + 1, a["score"], a["feedback"], a["failure_type"])
-                for k, a in enumerate(earlier)
-            ]
-            block = fg.render_previous_attempts(
-                attempts,
-                mode=guidance.accumulation_mode,
-                max_tokens=guidance.max_feedback_tokens,
-                count_tokens=count_tokens,
-            )
-            if not block:
-                continue
-            builder2, info2 = play(env, heuristic, task.task_id, feedback=block)
-            if info2["score"] > max(a.score for a in attempts):
-                demos.append(_demo(task.task_id, builder2, info2, True, heuristic.actions))
-    return [d for d in demos if len(d.tokens) <= config.max_len]
 
 
 # ---- supervised fine-tuning ---------------------------------------------------------
@@ -510,7 +374,14 @@ def warm_start(
             scalars = {k: float(v) for k, v in metrics.items()}
             writer.write_scalars(step, scalars)
             log(f"warm start step {step}/{config.steps}: loss {scalars['sft/loss']:.3f}")
-    probe = teacher_forced_probe(model, tokenizer, world, world_split_for_probe(world), seed=seed)
+    probe = teacher_forced_probe(
+        model,
+        tokenizer,
+        world,
+        world_split_for_probe(world),
+        seed=seed,
+        thoughts=config.thoughts,
+    )
     copying = {k: v for k, v in probe.items() if k.startswith("copy/")}
     kinds = sorted(k.split("/")[1] for k in copying if k.count("/") == 1)
     log(

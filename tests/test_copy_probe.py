@@ -54,7 +54,7 @@ def test_a_constant_model_copies_nothing(world_and_tokenizer):
 def test_one_wrong_token_fails_only_its_value(world_and_tokenizer):
     world, tokenizer = world_and_tokenizer
     from ctu import prompts
-    from ctu.sft import record_episode
+    from ctu.demonstrations import record_episode
     from ctu.world import agents
     from ctu.world.env import Environment
 
@@ -110,7 +110,7 @@ def test_actions_are_scored_whole_and_by_decision(world_and_tokenizer):
     assert all(nothing[k] == 0.0 for k in actions)
 
     from ctu import prompts
-    from ctu.sft import record_episode
+    from ctu.demonstrations import record_episode
     from ctu.world import agents
     from ctu.world.env import Environment
 

@@ -6,9 +6,10 @@ import re
 import numpy as np
 import pytest
 
+from ctu import demonstrations, sft
 from ctu import feedback_guidance as fg
-from ctu import sft
 from ctu.text.chat_template import END_OF_TURN
+from ctu.text.conversation import agent_spans
 from ctu.world import tools
 from tests import toys
 
@@ -24,7 +25,7 @@ def demos_and_tokenizer():
     config = sft.WarmStartConfig(
         max_len=100_000, feedback_demo_fraction=1.0, feedback_demo_attempts=3
     )
-    demos = sft.heuristic_demonstrations(
+    demos = demonstrations.heuristic_demonstrations(
         world, tasks, tokenizer, config, fg.FeedbackGuidanceConfig(), seed=0
     )
     return demos, tokenizer
@@ -75,19 +76,62 @@ def test_action_message_renders_tool_calls_the_parser_reads_back(demos_and_token
     from ctu.text import conversation, parse_tool_calls
 
     _, tokenizer = demos_and_tokenizer
-    action = sft.Action("auth_info_form", {"fields": ["name", "phone"]})
+    action = demonstrations.Action("auth_info_form", {"fields": ["name", "phone"]})
     text = conversation.assistant_completion(
-        tokenizer, sft.action_message(action), tools.TOOL_SCHEMAS
+        tokenizer, demonstrations.action_message(action), tools.TOOL_SCHEMAS
     )
     parsed = parse_tool_calls(text, tools.TOOL_SCHEMAS)
     assert parsed.error is None
     assert [(c.name, c.arguments) for c in parsed.calls] == [(action.name, action.kwargs)]
 
 
+def test_thoughts_open_the_turns_and_leave_the_calls_unchanged(demos_and_tokenizer):
+    """With warm_start.thoughts each form and call turn opens with a <think> block;
+    the tool-call parser drops it and reads back the very calls of the plain turns."""
+    from ctu.text import parse_tool_calls
+
+    plain, tokenizer = demos_and_tokenizer
+    world = toys.shipped_world()
+    tasks = [t for t in world.split("train") if t.level == 3][:8]
+    tasks += [t for t in world.split("train") if t.level == 1][:4]
+    config = sft.WarmStartConfig(
+        max_len=100_000, feedback_demo_fraction=1.0, feedback_demo_attempts=3, thoughts=True
+    )
+    thinking = demonstrations.heuristic_demonstrations(
+        world, tasks, tokenizer, config, fg.FeedbackGuidanceConfig(), seed=0
+    )
+    assert [d.task_id for d in thinking] == [d.task_id for d in plain]
+
+    def turns(demo):
+        tokens = list(demo.tokens)
+        return [tokenizer.decode(tokens[s:e]) for s, e in agent_spans(demo.loss_mask)]
+
+    thoughts = 0
+    for with_thoughts, without in zip(thinking, plain, strict=True):
+        assert with_thoughts.turn_tools == without.turn_tools
+        for text, bare, tool in zip(
+            turns(with_thoughts), turns(without), with_thoughts.turn_tools, strict=True
+        ):
+            assert "<think>" not in bare
+            if tool == "make_phone_call":
+                assert re.match(r"<think>Call [A-Za-z ]+: \+[-\d]+\.</think>\n<tool_call>", text), (
+                    text
+                )
+            if tool in ("search_company", "respond"):
+                assert "<think>" not in text, text
+            thoughts += "<think>" in text
+            got = parse_tool_calls(text, tools.TOOL_SCHEMAS)
+            want = parse_tool_calls(bare, tools.TOOL_SCHEMAS)
+            assert (got.calls, got.content, got.error) == (want.calls, want.content, want.error)
+    assert thoughts > 2 * len(thinking)
+
+
 def _fake_demos(n=40):
     rng = np.random.default_rng(0)
     return [
-        sft.Demonstration(f"t{i}", tuple(range(int(rng.integers(5, 50)))), (0,), 0.5, i % 5 == 0, 0)
+        demonstrations.Demonstration(
+            f"t{i}", tuple(range(int(rng.integers(5, 50)))), (0,), 0.5, i % 5 == 0, 0
+        )
         for i in range(n)
     ]
 
@@ -156,7 +200,7 @@ def test_context_mask_is_the_environment_after_the_system_turns(demos_and_tokeni
 def test_turn_tools_name_each_agent_turn(demos_and_tokenizer):
     demos, tokenizer = demos_and_tokenizer
     for demo in demos:
-        spans = sft.agent_spans(demo.loss_mask)
+        spans = agent_spans(demo.loss_mask)
         assert len(demo.turn_tools) == len(spans)
         for (start, end), tool in zip(spans, demo.turn_tools, strict=True):
             text = tokenizer.decode(list(demo.tokens[start:end]))
@@ -178,7 +222,7 @@ def test_turn_weights_scale_their_turns_and_leave_the_context_alone(demos_and_to
     seen = set()
     for row, demo in enumerate(chosen):
         expected = np.zeros(length, np.float32)
-        for start, end in sft.agent_spans(demo.loss_mask):
+        for start, end in agent_spans(demo.loss_mask):
             # The tool, read back from the turn's text.
             called = re.search(r'"name": "(\w+)"', tokenizer.decode(list(demo.tokens[start:end])))
             tool = called.group(1) if called else tools.RESPOND

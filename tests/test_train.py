@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import baseline_dapo, feedback_dapo, grpo
-from ctu import run_config, sft, train
+from ctu import demonstrations, run_config, train
 from ctu.metrics import read_jsonl
 from ctu.rl import batching
 from ctu.text.conversation import agent_spans
@@ -118,7 +118,7 @@ def test_default_turn_limit_fits_every_heuristic_turn(tmp_path):
     settings = run_config.settings_from_config(feedback_dapo.get_config())
     tokenizer = train._tokenizer(settings, str(tmp_path))
     world = data.load_world(settings.data_dir)
-    demos = sft.heuristic_demonstrations(
+    demos = demonstrations.heuristic_demonstrations(
         world,
         world.split("train") + world.split("val"),
         tokenizer,

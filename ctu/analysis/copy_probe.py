@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from ctu import prompts
+from ctu.demonstrations import record_episode
 from ctu.text.conversation import agent_spans
 from ctu.world import agents, data
 from ctu.world.env import Action, Environment
@@ -84,7 +85,13 @@ def _action_kinds(actions: Sequence[Action]) -> list[str]:
 
 
 def teacher_forced_probe(
-    model, tokenizer, world: data.World, split: str = "val", num_tasks: int = 20, seed: int = 0
+    model,
+    tokenizer,
+    world: data.World,
+    split: str = "val",
+    num_tasks: int = 20,
+    seed: int = 0,
+    thoughts: bool = False,
 ) -> dict[str, float]:
     """Teacher forcing on the heuristic's episodes of `split`: what the model's greedy
     next-token choice reproduces, given the true conversation so far.
@@ -94,10 +101,10 @@ def teacher_forced_probe(
     choice, for `search_company`, `first_form` (the auth fields guessed from the
     request), `later_form`, `first_call` (routing and values), `later_call` and
     `respond`; `action/episode` the fraction of episodes right throughout. A kind with
-    no example in the episodes is left out.
+    no example in the episodes is left out. With `thoughts` the episodes are
+    demonstrations that reason first (`warm_start.thoughts`), and an action is right
+    only when its thought is too.
     """
-    from ctu.sft import record_episode  # ctu.sft reports this probe after a warm start
-
     tasks = world.split(split)[:num_tasks]
     if not tasks:
         raise ValueError(f"split {split!r} has no tasks to probe.")
@@ -116,7 +123,7 @@ def teacher_forced_probe(
     for task in tasks:
         policy = agents.Recorder(agents.Heuristic(seed=seed))
         builder, _ = record_episode(
-            env, policy, task.task_id, tokenizer, system=prompts.system_prompt()
+            env, policy, task.task_id, tokenizer, system=prompts.system_prompt(), thoughts=thoughts
         )
         tokens, mask = builder.tokens(), builder.loss_mask()
         # Right padding to a bucket keeps compiles few and, causal, changes nothing before.

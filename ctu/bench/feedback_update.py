@@ -35,11 +35,11 @@ from flax import nnx
 from configs import feedback_dapo
 from ctu import feedback_guidance as fg
 from ctu import prompts, sharding
+from ctu.demonstrations import record_episode
 from ctu.models import ModelConfig
 from ctu.models.shared_prefix import common_prefix_length
 from ctu.rl.train_step import Learner, RolloutBatch
 from ctu.run_config import settings_from_config
-from ctu.sft import record_episode
 from ctu.text import make_world_tokenizer
 from ctu.world import agents, data, tools
 from ctu.world.env import Environment
