@@ -165,7 +165,15 @@ def get_config(arg=None):
     fg.start_rollout = 2
     fg.accumulation_mode = "all"  # all | last | summary
     fg.max_feedback_tokens = 500
+    # Rewrite failed rollouts' critiques with an LLM behind an OpenAI-compatible endpoint
+    # (e.g. `vllm serve MODEL` -> http://localhost:8000/v1), cached in WORKDIR/feedback_cache;
+    # the rule-based critique stays when a request fails. The key, if any, is read from
+    # the environment variable llm_api_key_env names.
     fg.use_llm_enhancement = False
+    fg.llm_base_url = ""
+    fg.llm_model = ""
+    fg.llm_api_key_env = ""
+    fg.llm_timeout_s = 30.0
     fg.mix = 1.0  # fraction of groups that get feedback
     fg.training_context = "augmented"  # augmented | original (importance-corrected)
     fg.guided_objective = "clip"  # clip | shaped (r / (r + gamma)), for "original"

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
+
+from ctu.world.feedback import LLMFeedback
 
 ACCUMULATION_MODES = ("all", "last", "summary")
 TRAINING_CONTEXTS = ("augmented", "original")
@@ -37,6 +40,14 @@ class FeedbackGuidanceConfig:
     mix: float = 1.0
     training_context: str = "augmented"
     shaping_gamma: float = 0.0
+    # The OpenAI-compatible endpoint that rewrites failed rollouts' critiques when
+    # `use_llm_enhancement` (ctu.world.feedback.LLMFeedback): its base URL (".../v1"),
+    # the model it serves, the environment variable holding its API key ("" for none:
+    # a key never sits in a config file), and the seconds one request may take.
+    llm_base_url: str = ""
+    llm_model: str = ""
+    llm_api_key_env: str = ""
+    llm_timeout_s: float = 30.0
 
     def __post_init__(self):
         if self.start_rollout < 1:
@@ -63,6 +74,45 @@ class FeedbackGuidanceConfig:
             )
         if self.shaping_gamma < 0:
             raise ValueError(f"feedback_guidance.shaping_gamma={self.shaping_gamma}: must be >= 0.")
+        if self.use_llm_enhancement:
+            self._check_llm()
+
+    def _check_llm(self):
+        prefix = "feedback_guidance.use_llm_enhancement=True"
+        if not self.llm_base_url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"{prefix} needs the endpoint: set feedback_guidance.llm_base_url to an "
+                f"OpenAI-compatible base URL such as http://localhost:8000/v1 (got "
+                f"{self.llm_base_url!r}), or turn the enhancement off."
+            )
+        if not self.llm_model:
+            raise ValueError(
+                f"{prefix} needs feedback_guidance.llm_model, the model name the endpoint "
+                "serves (what its /v1/models lists)."
+            )
+        if self.llm_api_key_env and not os.environ.get(self.llm_api_key_env):
+            raise ValueError(
+                f"feedback_guidance.llm_api_key_env={self.llm_api_key_env!r} names an "
+                f"environment variable that is not set: export {self.llm_api_key_env}=KEY, or "
+                "set llm_api_key_env='' for an endpoint without a key."
+            )
+        if not self.llm_timeout_s > 0:
+            raise ValueError(
+                f"feedback_guidance.llm_timeout_s={self.llm_timeout_s}: seconds, must be > 0."
+            )
+
+    def make_enhancer(self, cache_dir: str):
+        """The critique rewriter of a feedback-guided run (`ctu.world.feedback.LLMFeedback`,
+        caching its replies in `cache_dir`), or None when guidance or the rewriting is off."""
+        if not (self.enable and self.use_llm_enhancement):
+            return None
+        return LLMFeedback(
+            self.llm_base_url,
+            self.llm_model,
+            cache_dir=cache_dir,
+            api_key=os.environ[self.llm_api_key_env] if self.llm_api_key_env else None,
+            timeout_s=self.llm_timeout_s,
+        )
 
 
 @dataclasses.dataclass(frozen=True)

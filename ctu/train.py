@@ -40,6 +40,7 @@ from ctu.world import data, tools
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoints"
 VLLM_POLICY_DIR = "vllm_policy"  # the Hugging Face export vLLM samples from
+FEEDBACK_CACHE_DIR = "feedback_cache"  # the LLM critique rewrites (use_llm_enhancement)
 
 
 @dataclasses.dataclass
@@ -183,8 +184,9 @@ class GroupSampler:
     Remembers every round's result (`results`) and the data position after it.
     """
 
-    def __init__(self, s: Setup, engine, stream, key: jax.Array, *, seed: int):
+    def __init__(self, s: Setup, engine, stream, key: jax.Array, *, seed: int, enhancer=None):
         self.s, self.engine, self.stream, self.key, self.seed = s, engine, stream, key, seed
+        self.enhancer = enhancer  # rewrites failed rollouts' critiques (LLMFeedback)
         self.results = []
         self.position = None
 
@@ -203,6 +205,7 @@ class GroupSampler:
             settings=dataclasses.replace(settings.rollout.groups, seed=self.seed),
             feedback=settings.algorithm.feedback,
             runner=settings.rollout.runner,
+            feedback_enhancer=self.enhancer,
         )
         self.results.append(result)
         return result.groups
@@ -323,6 +326,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if start_step == 0:
         evaluate(s, eval_engine, 0, writer)
 
+    enhancer = settings.algorithm.feedback.make_enhancer(os.path.join(workdir, FEEDBACK_CACHE_DIR))
     train_ids = [t.task_id for t in s.world.split("train")]
     stream = task_stream(train_ids, settings.seed, position)
     last: dict = {}
@@ -332,7 +336,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         rng, sample_key, update_key = jax.random.split(rng, 3)
 
         # Rollouts: groups in waves, refilled by dynamic sampling.
-        sampler = GroupSampler(s, engine, stream, sample_key, seed=settings.seed + step)
+        sampler = GroupSampler(
+            s, engine, stream, sample_key, seed=settings.seed + step, enhancer=enhancer
+        )
         rollout_start = time.perf_counter()
         if settings.algorithm.dynamic_sampling:
             groups, ds_stats = dynamic_sample(
@@ -363,7 +369,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         sync_s = time.perf_counter() - sync_start
 
         # Metrics.
-        runs = [w.run for result in sampler.results for w in result.waves]
+        waves = [w for result in sampler.results for w in result.waves]
+        runs = [w.run for w in waves]
         scalars = {
             **rollout_metrics(all_groups, settings.rollout.groups.num_rollouts),
             **ds_stats,
@@ -372,8 +379,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
             "timing_s/rollout": rollout_s,
             "timing_s/generation": sum(r.generation_s for r in runs),
             "timing_s/environment": sum(r.env_s for r in runs),
+            "timing_s/feedback": sum(w.feedback_s for w in waves),
             "timing_s/weight_sync": sync_s,
-            "waves": float(sum(len(result.waves) for result in sampler.results)),
+            "waves": float(len(waves)),
         }
         if step % settings.log_examples_every == 0:
             writer.write_texts(step, {"example": _example_text(s.tokenizer, groups[0][-1])})

@@ -114,3 +114,40 @@ def test_block_always_fits_the_token_budget(feedbacks, scores, mode, max_tokens,
 def test_config_validation_names_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
         fg.FeedbackGuidanceConfig(**{field: value})
+
+
+_LLM = {"use_llm_enhancement": True, "llm_base_url": "http://localhost:8000/v1", "llm_model": "m"}
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"llm_base_url": ""}, "llm_base_url"),
+        ({"llm_base_url": "localhost:8000/v1"}, "llm_base_url"),
+        ({"llm_model": ""}, "llm_model"),
+        ({"llm_api_key_env": "CTU_TEST_UNSET_KEY"}, "CTU_TEST_UNSET_KEY"),
+        ({"llm_timeout_s": 0.0}, "llm_timeout_s"),
+    ],
+)
+def test_llm_enhancement_needs_an_endpoint_and_model(overrides, match, monkeypatch):
+    monkeypatch.delenv("CTU_TEST_UNSET_KEY", raising=False)
+    with pytest.raises(ValueError, match=match):
+        fg.FeedbackGuidanceConfig(**{**_LLM, **overrides})
+    # The same settings with the rewriting off are not checked: nothing will call it.
+    fg.FeedbackGuidanceConfig(**{**_LLM, **overrides, "use_llm_enhancement": False})
+
+
+def test_make_enhancer_only_when_guidance_rewrites_and_the_key_comes_from_the_env(
+    tmp_path, monkeypatch
+):
+    cache = str(tmp_path / "cache")
+    assert fg.FeedbackGuidanceConfig().make_enhancer(cache) is None
+    assert fg.FeedbackGuidanceConfig(**_LLM, enable=False).make_enhancer(cache) is None
+    monkeypatch.setenv("CTU_TEST_KEY", "secret")
+    enhancer = fg.FeedbackGuidanceConfig(
+        **_LLM, llm_api_key_env="CTU_TEST_KEY", llm_timeout_s=5.0
+    ).make_enhancer(cache)
+    assert enhancer.url == "http://localhost:8000/v1/chat/completions"
+    assert (enhancer.model, enhancer.api_key, enhancer.timeout_s) == ("m", "secret", 5.0)
+    assert enhancer.cache_dir == cache
+    assert fg.FeedbackGuidanceConfig(**_LLM).make_enhancer(cache).api_key is None

@@ -1,5 +1,7 @@
 """Feedback-guided groups in waves, the original-prompt variant, and model evaluation."""
 
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -182,7 +184,48 @@ def test_baseline_is_one_wave_of_everything(tokenizer, world, task_ids):
         feedback=fg.FeedbackGuidanceConfig(enable=False),
     )
     assert [w.rows for w in result.waves] == [12] and not any(r.guided for r in result.records)
+    assert result.waves[0].feedback_s == 0.0  # no block to render, no critique rewritten
     assert [[r.rollout for r in g] for g in result.groups] == [[1, 2, 3]] * 4
+
+
+class _SlowRewriter:
+    """A feedback enhancer (the `LLMFeedback` interface) taking `delay` s a critique."""
+
+    def __init__(self, delay: float):
+        self.delay, self.calls = delay, 0
+
+    def enhance(self, rule_feedback: str, trajectory) -> str:
+        del trajectory
+        self.calls += 1
+        time.sleep(self.delay)
+        return f"Rewritten critique {self.calls} of: {rule_feedback[:20]}"
+
+
+def test_rewritten_critiques_are_what_later_waves_read_and_their_time_is_feedback_time(
+    tokenizer, world, task_ids
+):
+    rewriter, delay = _SlowRewriter(0.05), 0.05
+    result = run_groups(
+        toys.ScriptedEngine(tokenizer, _give_up_script),
+        task_ids[:2],
+        world=world,
+        tokenizer=tokenizer,
+        rng=jax.random.key(0),
+        settings=GroupSettings(num_rollouts=3, wave_size=1),
+        feedback=fg.FeedbackGuidanceConfig(start_rollout=2, mix=1.0),
+        feedback_enhancer=rewriter,
+    )
+    assert rewriter.calls == len(result.records) == 6  # every rollout failed
+    for group in result.groups:
+        for record in group:
+            assert record.feedback.startswith("Rewritten critique")
+            for earlier in group[: record.rollout - 1]:
+                assert earlier.feedback in record.feedback_block
+    for wave in result.waves:
+        # The rewrites count as feedback time, not as environment time.
+        assert wave.run.feedback_s >= delay * wave.rows > wave.run.env_s
+        assert wave.feedback_s == wave.render_s + wave.run.feedback_s
+    assert all(wave.render_s > 0 for wave in result.waves[1:])
 
 
 def test_evaluate_model_cold_and_feedback(tokenizer, world, task_ids):

@@ -18,6 +18,7 @@ from ctu.metrics import read_jsonl
 from ctu.rl import batching
 from ctu.text.conversation import agent_spans
 from ctu.world import data
+from tests import toys
 
 # ---- settings ----------------------------------------------------------------------
 
@@ -333,15 +334,29 @@ def test_smoke_run_of_a_plain_model_without_the_copy_task(tmp_path):
     """The default smoke run has the smear and the copy task (the tiny preset's
     defaults); this one has neither, as a pretrained model would: a plain warm start
     saved and reloaded by the HF loader, rollouts and updates; and learner and sampler
-    share one mesh."""
+    share one mesh. Its critiques are rewritten by an LLM endpoint (a local stand-in)."""
     config = feedback_dapo.get_config("smoke")
     assert config.model.smear == 6 and config.warm_start.induction_steps == 3
     config.total_steps = 1
     config.model.smear = 0
     config.warm_start.induction_steps = 0
     config.rollout.cpu_devices = 1  # learner and sampler sharded over all 8 test devices
-    last = train.train_and_evaluate(config, str(tmp_path))
+    config.debug_conversations = True
+    fg = config.algorithm.feedback_guidance
+    fg.use_llm_enhancement, fg.llm_model = True, "critic"
+    reply = "Rewritten: search the company first, then ask for the fields."
+    with toys.fake_completions(reply) as (base_url, requests):
+        fg.llm_base_url = base_url
+        last = train.train_and_evaluate(config, str(tmp_path))
     assert math.isfinite(last["loss"]) and math.isfinite(last["grad_norm"])
+    # Every failed rollout's critique is the endpoint's, and the guided prompts carry it.
+    episodes = read_jsonl(str(tmp_path / "conversations" / "step_000001.jsonl"))
+    failed = [e for e in episodes if e["reward"] < 1.0]
+    assert failed and all(e["feedback"] == reply for e in failed)
+    assert any(reply in e["text"] for e in episodes if e["rollout"] >= fg.start_rollout)
+    assert requests and {r["model"] for r in requests} == {"critic"}
+    assert os.listdir(tmp_path / "feedback_cache")  # identical critiques asked once
+    assert last["timing_s/feedback"] > 0
     with open(tmp_path / "warm_start" / "config.json") as f:
         assert "ctu_smear" not in json.load(f)
     rows = read_jsonl(str(tmp_path / "warm_start_logs" / "metrics.jsonl"))

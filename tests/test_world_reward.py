@@ -1,9 +1,6 @@
 """Reward ladder, penalties, anti-gaming, feedback content and the LLM feedback cache."""
 
-import http.server
-import json
 import os
-import threading
 import timeit
 
 import pytest
@@ -329,40 +326,17 @@ def test_reward_is_fast(world, env):
 # ---- LLM feedback through a fake OpenAI-compatible server ------------------------------
 
 
-class _FakeCompletions(http.server.BaseHTTPRequestHandler):
-    hits = 0
-
-    def do_POST(self):  # noqa: N802 (http.server API)
-        type(self).hits += 1
-        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        assert request["max_tokens"] == feedback.MAX_LLM_FEEDBACK_TOKENS
-        body = json.dumps(
-            {"choices": [{"message": {"content": "Call Fraud first, then Billing."}}]}
-        )
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(body.encode())
-
-    def log_message(self, *args):
-        pass
-
-
 def test_llm_feedback_uses_endpoint_then_cache_and_falls_back(world, env, tmp_path):
-    server = http.server.HTTPServer(("127.0.0.1", 0), _FakeCompletions)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{server.server_port}/v1"
+    reply = "Call Fraud first, then Billing."
+    with toys.fake_completions(reply) as (base, requests):
         enhancer = feedback.LLMFeedback(base, "fake", cache_dir=str(tmp_path / "cache"))
         task = _task(world, 1)
         _run(env, task, [_search(world, task)])
         first = reward.compute_score_with_feedback(task, world, env.episode, enhancer=enhancer)
         again = reward.compute_score_with_feedback(task, world, env.episode, enhancer=enhancer)
-        assert first.feedback == again.feedback == "Call Fraud first, then Billing."
-        assert _FakeCompletions.hits == 1 and len(os.listdir(tmp_path / "cache")) == 1
-    finally:
-        server.shutdown()
-        server.server_close()
+        assert first.feedback == again.feedback == reply
+        assert len(requests) == 1 and len(os.listdir(tmp_path / "cache")) == 1
+        assert requests[0]["max_tokens"] == feedback.MAX_LLM_FEEDBACK_TOKENS
     offline = feedback.LLMFeedback(base, "fake", cache_dir=str(tmp_path / "other"), timeout_s=1)
     plain = reward.compute_score_with_feedback(task, world, env.episode)
     assert offline.enhance(plain.feedback, env.episode) == plain.feedback

@@ -3,6 +3,10 @@
 Each area adds its own functions here; never rewrite another area's.
 """
 
+import contextlib
+import http.server
+import json
+import threading
 
 # --- Text layer (ctu/text): tool schemas and a tiny tokenizer --------------------------
 
@@ -396,3 +400,33 @@ def oracle_script(world, *, first_turns=(), fail_unless_guided: bool = False):
         return turn
 
     return script
+
+
+# --- Feedback: an OpenAI-compatible chat-completions endpoint -------------------------
+
+
+@contextlib.contextmanager
+def fake_completions(reply: str):
+    """Serves `reply` to every POST on a local port; yields (base_url, requests), the
+    JSON bodies received so far."""
+    requests = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server API)
+            requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            body = json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1", requests
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -75,6 +75,12 @@ class WaveStats:
     guided_rows: int  # rows whose prompt carried a critique
     seconds: float
     run: RunStats
+    render_s: float = 0.0  # building this wave's <previous_attempts> blocks
+
+    @property
+    def feedback_s(self) -> float:
+        """Time on feedback: the blocks, and the enhancer's rewrites of critiques."""
+        return self.render_s + self.run.feedback_s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +102,7 @@ class GroupsResult:
             "rows_per_wave": [w.rows for w in self.waves],
             "guided_rows_per_wave": [w.guided_rows for w in self.waves],
             "seconds_per_wave": [round(w.seconds, 4) for w in self.waves],
+            "feedback_seconds_per_wave": [round(w.feedback_s, 4) for w in self.waves],
             "feedback_groups": len(self.feedback_groups),
         }
 
@@ -168,12 +175,14 @@ def run_groups(
     waves = []
     for w in range(num_waves):
         t0 = time.perf_counter()
+        render_s = 0.0
         specs = []
         for g, task_id in enumerate(task_ids):
             if w >= len(plans[g]):
                 continue
             block = ""
             if g in guided:
+                render_start = time.perf_counter()
                 attempts = [
                     Attempt(r.rollout, r.reward, r.feedback, r.failure_type) for r in done[g]
                 ]
@@ -183,6 +192,7 @@ def run_groups(
                     max_tokens=feedback.max_feedback_tokens,
                     count_tokens=count_tokens,
                 )
+                render_s += time.perf_counter() - render_start
             for k in plans[g][w]:
                 specs.append(
                     EpisodeSpec(
@@ -212,6 +222,7 @@ def run_groups(
                 guided_rows=sum(bool(s.feedback_block) for s in specs),
                 seconds=time.perf_counter() - t0,
                 run=run_stats,
+                render_s=render_s,
             )
         )
     groups = [sorted(done[g], key=lambda r: r.rollout) for g in range(len(task_ids))]

@@ -131,3 +131,4 @@ class RunStats:
     generation_s: float
     env_s: float
     wall_s: float
+    feedback_s: float = 0.0  # the feedback enhancer's rewrites of failed episodes' critiques
