@@ -29,9 +29,7 @@ def get_config(arg=None):
 
     # Data
     config.data = ml_collections.ConfigDict()
-    config.data.dir = "data/world"
-    config.data.train_split = "train"
-    config.data.val_split = "val"
+    config.data.dir = "data/world"  # RL and the warm start use its train split
 
     # Model
     config.model = ml_collections.ConfigDict()
@@ -199,7 +197,7 @@ def get_config(arg=None):
     config.total_steps = 12
     config.eval_every = 4
     config.eval = ml_collections.ConfigDict()
-    config.eval.split = "val"
+    config.eval.split = "val"  # train | val | test
     config.eval.num_tasks = 50
     config.checkpoint_every = 4
     config.max_to_keep = 3

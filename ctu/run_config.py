@@ -18,6 +18,7 @@ from ctu.rollout.groups import GroupSettings
 from ctu.rollout.records import RunnerSettings
 from ctu.sampling.settings import SamplingConfig
 from ctu.sft import WarmStartConfig
+from ctu.world import data
 
 ENGINES = ("jax", "vllm")
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
@@ -98,6 +99,10 @@ class RunSettings:
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r}: choose one of {BACKENDS}.")
+        if self.eval_split not in data.SPLITS:
+            raise ValueError(f"eval.split={self.eval_split!r}: choose one of {data.SPLITS}.")
+        if self.eval_num_tasks < 1:
+            raise ValueError(f"eval.num_tasks={self.eval_num_tasks}: must be >= 1.")
         for name in ("total_steps", "eval_every", "checkpoint_every", "log_examples_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1.")

@@ -64,6 +64,9 @@ def _flatten(d, prefix=""):
         ("warm_start.feedback_demo_fraction", 2.0, "feedback_demo_fraction"),
         ("rollout.group_size", 0, "num_rollouts"),
         ("warm_start.induction_steps", -1, "induction_steps"),
+        ("eval.split", "validaton", "eval.split"),
+        ("eval.num_tasks", 0, "eval.num_tasks"),
+        ("algorithm.feedback_guidance.use_llm_enhancement", True, "llm_base_url"),
     ],
 )
 def test_bad_values_are_errors_that_name_the_key(key, value, match):
