@@ -135,6 +135,9 @@ class RunSettings:
             )
 
 
+_LLM_KEYS = ("llm_base_url", "llm_model", "llm_api_key_env", "llm_timeout_s")
+
+
 def settings_from_config(config) -> RunSettings:
     """Reads every key of a configs/*.py config into validated settings."""
     alg, opt, roll = config.algorithm, config.optimizer, config.rollout
@@ -145,10 +148,8 @@ def settings_from_config(config) -> RunSettings:
         accumulation_mode=fg.accumulation_mode,
         max_feedback_tokens=fg.max_feedback_tokens,
         use_llm_enhancement=fg.use_llm_enhancement,
-        llm_base_url=fg.llm_base_url,
-        llm_model=fg.llm_model,
-        llm_api_key_env=fg.llm_api_key_env,
-        llm_timeout_s=fg.llm_timeout_s,
+        # Keys newer than some saved runs' config.json: their absence means the defaults.
+        **{key: fg[key] for key in _LLM_KEYS if key in fg},
         mix=fg.mix,
         training_context=fg.training_context,
         shaping_gamma=fg.shaping_gamma,

@@ -47,6 +47,17 @@ def _flatten(d, prefix=""):
             yield f"{prefix}{key}", value
 
 
+def test_a_saved_config_without_the_llm_keys_still_reads():
+    """Runs saved before the LLM critic's keys existed can still be evaluated."""
+    config = feedback_dapo.get_config()
+    fg = config.algorithm.feedback_guidance
+    old = {k: v for k, v in fg.items() if not k.startswith("llm_")}
+    config.algorithm.feedback_guidance = type(fg)(old)
+    settings = run_config.settings_from_config(config)
+    assert settings.algorithm.feedback.llm_base_url == ""
+    assert settings == run_config.settings_from_config(feedback_dapo.get_config())
+
+
 @pytest.mark.parametrize(
     "key,value,match",
     [
