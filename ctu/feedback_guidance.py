@@ -23,6 +23,7 @@ from ctu.world.feedback import LLMFeedback
 ACCUMULATION_MODES = ("all", "last", "summary")
 TRAINING_CONTEXTS = ("augmented", "original")
 
+FEEDBACK_CACHE_DIR = "feedback_cache"  # a run's (or evaluation's) LLM critique rewrites
 OPEN_TAG = "<previous_attempts>"
 CLOSE_TAG = "</previous_attempts>"
 _INTRO = "Earlier attempts at this task failed. Learn from their feedback:"

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ctu import metrics as metrics_lib
 from ctu import sft, sharding
 from ctu.backend import cpu_cores, initialize_backend
+from ctu.feedback_guidance import FEEDBACK_CACHE_DIR
 from ctu.models import ModelConfig, from_hf
 from ctu.rl import batching
 from ctu.rl.checkpoint import Checkpointer
@@ -40,7 +41,6 @@ from ctu.world import data, tools
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoints"
 VLLM_POLICY_DIR = "vllm_policy"  # the Hugging Face export vLLM samples from
-FEEDBACK_CACHE_DIR = "feedback_cache"  # the LLM critique rewrites (use_llm_enhancement)
 
 
 @dataclasses.dataclass

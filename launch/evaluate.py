@@ -14,6 +14,10 @@ do). --data defaults to the run's world for a workdir, else data/world.
 On CPU a model decodes on one XLA device per core, its rows split between them, as
 training's sampler does (an XLA_FLAGS device count you set yourself is kept).
 
+In --mode=feedback a model policy's critiques can be rewritten by an LLM behind an
+OpenAI-compatible endpoint (--llm_base_url, --llm_model, --llm_api_key_env), as
+training's `use_llm_enhancement` does; replies are cached in feedback_cache/ beside --out.
+
 Writes the metrics JSON atomically to --out (keys: ctu/analysis/model_eval.py) and
 prints a short table.
 """
@@ -24,6 +28,7 @@ from absl import app, flags
 
 from ctu.analysis import model_eval
 from ctu.backend import add_cpu_xla_flags, cpu_cores
+from ctu.feedback_guidance import FeedbackGuidanceConfig
 from ctu.world import evaluation
 
 _POLICY = flags.DEFINE_string(
@@ -54,6 +59,13 @@ _TOP_K = flags.DEFINE_integer(
     lower_bound=0,
 )
 _OUT = flags.DEFINE_string("out", None, "Where to write the metrics JSON.", required=True)
+_LLM_BASE_URL = flags.DEFINE_string(
+    "llm_base_url", None, "--mode=feedback: rewrite critiques with this endpoint's LLM (.../v1)."
+)
+_LLM_MODEL = flags.DEFINE_string("llm_model", None, "The model --llm_base_url serves.")
+_LLM_KEY_ENV = flags.DEFINE_string(
+    "llm_api_key_env", "", "Environment variable holding --llm_base_url's API key ('' none)."
+)
 
 
 def main(argv):
@@ -61,6 +73,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     add_cpu_xla_flags(devices=cpu_cores())  # before JAX opens its CPU backend
     try:
+        critic = None
+        if (_LLM_BASE_URL.value is None) != (_LLM_MODEL.value is None):
+            raise ValueError("--llm_base_url and --llm_model go together: give both or neither")
+        if _LLM_BASE_URL.value is not None:
+            critic = FeedbackGuidanceConfig(
+                use_llm_enhancement=True,
+                llm_base_url=_LLM_BASE_URL.value or "",
+                llm_model=_LLM_MODEL.value or "",
+                llm_api_key_env=_LLM_KEY_ENV.value,
+            )
         model_eval.evaluate_and_write(
             _POLICY.value,
             _SPLIT.value,
@@ -73,6 +95,7 @@ def main(argv):
             temperature=_TEMPERATURE.value,
             top_p=_TOP_P.value,
             top_k=_TOP_K.value,
+            critic=critic,
         )
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")

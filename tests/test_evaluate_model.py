@@ -14,12 +14,14 @@ import pytest
 from flax import nnx
 
 from configs import feedback_dapo
+from ctu import feedback_guidance as fg
 from ctu import sharding, train
 from ctu.analysis import compare, model_eval, policy_loading
 from ctu.models import ModelConfig
 from ctu.rl.checkpoint import Checkpointer
 from ctu.rl.train_step import Learner
 from ctu.run_config import settings_from_config
+from tests import toys
 from tests.test_compare import table_rows, write_run
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,6 +102,31 @@ def test_latest_checkpoint_json_has_the_keys_and_is_deterministic(run_dir, feedb
     assert all(e["conversation"].startswith("<|im_start|>user") for e in examples)
     if failures:
         assert examples[-1]["attempt"] == "retry" and examples[-1]["feedback_block"]
+
+
+def test_an_llm_critic_rewrites_what_the_retries_read(run_dir, feedback_eval, tmp_path):
+    reply = "Rewritten: ask for every field the department needs in one form."
+    with toys.fake_completions(reply) as (base_url, requests):
+        critic = fg.FeedbackGuidanceConfig(
+            use_llm_enhancement=True, llm_base_url=base_url, llm_model="critic"
+        )
+        metrics = _evaluate(
+            f"checkpoint:{run_dir}", tmp_path / "e.json", mode="feedback", trials=2, critic=critic
+        )
+    # The same first tries as without the critic; each failure's critique asked for once
+    # (identical ones come from the cache).
+    retried = metrics["with_feedback"]["retried"]
+    assert retried == feedback_eval[0]["with_feedback"]["retried"] > 0
+    cached = os.listdir(tmp_path / fg.FEEDBACK_CACHE_DIR)
+    assert 1 <= len(requests) == len(cached) <= retried
+    retries = [e for e in metrics["examples"] if e["attempt"] == "retry"]
+    assert retries and all(reply in e["feedback_block"] for e in retries)
+    assert metrics["critic"] == "critic"
+    with pytest.raises(ValueError, match="--mode=feedback"):
+        _evaluate(f"checkpoint:{run_dir}", tmp_path / "x.json", critic=critic)
+    with pytest.raises(ValueError, match="model policy"):
+        _evaluate("heuristic", tmp_path / "x.json", mode="feedback", critic=critic)
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_checkpoint_at_a_step_restores_what_the_trainer_saved(run_dir, tmp_path):

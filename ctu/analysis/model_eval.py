@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import jax
 
 from ctu.analysis import policy_loading
+from ctu.feedback_guidance import FEEDBACK_CACHE_DIR, FeedbackGuidanceConfig
 from ctu.rollout import evaluate as rollout_eval
 from ctu.rollout.engine import JaxEngine
 from ctu.rollout.records import RolloutRecord
@@ -113,8 +114,10 @@ def evaluate_loaded(
     mode: str = "cold",
     num_tasks: int | None = None,
     batch_size: int = evaluation.DEFAULT_BATCH_SIZE,
+    feedback_enhancer=None,
 ) -> dict:
-    """The metrics dict (module docstring) of a loaded model on a split."""
+    """The metrics dict (module docstring) of a loaded model on a split; in feedback
+    mode `feedback_enhancer` (`LLMFeedback`) rewrites the critiques retries read."""
     if mode not in evaluation.MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(evaluation.MODES)}")
     tasks = evaluation.first_tasks(evaluation.split_tasks(world, split), num_tasks)
@@ -131,6 +134,7 @@ def evaluate_loaded(
         seed=seed,
         batch_size=batch_size,
         runner=policy.runner,
+        feedback_enhancer=feedback_enhancer,
     )
     records = played["records"]
     first = [rollout_eval.episode_result(r, world, i // len(tasks)) for i, r in enumerate(records)]
@@ -191,8 +195,12 @@ def evaluate_and_write(
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    critic: FeedbackGuidanceConfig | None = None,
 ) -> dict:
     """The `launch.evaluate` command: evaluate `policy`, write the JSON, print a table.
+
+    `critic`: in feedback mode, a model policy's critiques are rewritten by its LLM
+    endpoint (`use_llm_enhancement`), cached in `feedback_cache/` beside `out_path`.
 
     `data_dir` None: the run's world for a model policy from a workdir, else data/world.
     A model policy decodes greedily unless `temperature` > 0 (then `top_p`, `top_k`
@@ -208,6 +216,11 @@ def evaluate_and_write(
     if mode not in evaluation.MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(evaluation.MODES)}")
     evaluation.first_tasks([], num_tasks)  # validates num_tasks
+    if critic is not None and not (mode == "feedback" and policy_loading.is_model_policy(policy)):
+        raise ValueError(
+            "an LLM critic rewrites the critiques a model policy reads in --mode=feedback; "
+            f"use both, or leave the --llm_* flags out (got --policy={policy} --mode={mode})"
+        )
     decoding = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
     if not policy_loading.is_model_policy(policy):
         if policy not in evaluation.POLICY_FACTORIES:
@@ -239,9 +252,19 @@ def evaluate_and_write(
     _check_world_dir(data_dir)
     world = data.load_world(data_dir)
     metrics = {"policy": policy, "data": data_dir}
+    if critic is not None:
+        metrics["critic"] = critic.llm_model
+    cache_dir = os.path.join(os.path.dirname(os.path.abspath(out_path)), FEEDBACK_CACHE_DIR)
     metrics.update(
         evaluate_loaded(
-            loaded, world, split, trials=trials, seed=seed, mode=mode, num_tasks=num_tasks
+            loaded,
+            world,
+            split,
+            trials=trials,
+            seed=seed,
+            mode=mode,
+            num_tasks=num_tasks,
+            feedback_enhancer=critic.make_enhancer(cache_dir) if critic else None,
         )
     )
     evaluation.write_json_atomic(out_path, metrics)

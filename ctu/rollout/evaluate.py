@@ -67,10 +67,12 @@ def run_model_episodes(
     runner: RunnerSettings | None = None,
     base_prompt: str = prompts.SYSTEM_PROMPT,
     max_feedback_tokens: int = DEFAULT_MAX_FEEDBACK_TOKENS,
+    feedback_enhancer=None,
 ) -> dict[str, list]:
     """Plays every (trial, task) episode. Returns {"first_try": [EpisodeResult], and in
     feedback mode "with_feedback": [EpisodeResult], "retries": [RolloutRecord]}, plus
-    "records": the first-try RolloutRecords; lists in (trial, task) order."""
+    "records": the first-try RolloutRecords; lists in (trial, task) order. In feedback
+    mode `feedback_enhancer` (`LLMFeedback`) rewrites the critiques the retries read."""
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}; choose one of {MODES}")
     if trials < 1 or batch_size < 1:
@@ -93,7 +95,8 @@ def run_model_episodes(
             )
             for i, task in enumerate(tasks)
         ]
-        first = _run_batched(engine, specs, world, tokenizer, key, runner, batch_size, 0)
+        rewrite = feedback_enhancer if mode == "feedback" else None
+        first = _run_batched(engine, specs, world, tokenizer, key, runner, batch_size, 0, rewrite)
         out["records"] += first
         out["first_try"] += [episode_result(r, world, trial) for r in first]
         if mode == "cold":
@@ -125,7 +128,7 @@ def run_model_episodes(
     return out
 
 
-def _run_batched(engine, specs, world, tokenizer, key, runner, batch_size, salt):
+def _run_batched(engine, specs, world, tokenizer, key, runner, batch_size, salt, enhancer=None):
     records = []
     for start in range(0, len(specs), batch_size):
         chunk, _ = run_episodes(
@@ -135,6 +138,7 @@ def _run_batched(engine, specs, world, tokenizer, key, runner, batch_size, salt)
             tokenizer=tokenizer,
             rng=jax.random.fold_in(key, 2 * start + salt),
             settings=runner,
+            feedback_enhancer=enhancer,
         )
         records += chunk
     return records
