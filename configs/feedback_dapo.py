@@ -88,6 +88,10 @@ def get_config(arg=None):
     # copying circuit forms after ~600 updates; a pretrained model has it already).
     config.warm_start.induction_steps = 800 if scratch else 0
     config.warm_start.induction_learning_rate = 3e-3
+    # copy: a span repeated; recall: a value found by the key a few tokens before the
+    # separators all lines share, as a phone number after "Fraud: +1-" in a directory;
+    # copy+recall: half the rows each (ctu.analysis.induction).
+    config.warm_start.induction_task = "copy"
     # Loss weight of the demonstrated turns by the tool they call (respond: a message to
     # the user), within a weighted token mean.
     config.warm_start.turn_weights = ml_collections.ConfigDict(

@@ -66,6 +66,7 @@ class WarmStartConfig:
     # demonstrations: a from-scratch model first learns to copy by content there.
     induction_steps: int = 0
     induction_learning_rate: float = 3e-3
+    induction_task: str = "copy"  # copy | recall | copy+recall (ctu.analysis.induction)
     # Loss weight of each demonstrated agent turn by the tool it calls (`respond` for a
     # message to the user); a tool not named weighs 1. The loss is the weighted token
     # mean, so a weight shifts the loss between kinds of turn.
@@ -110,6 +111,11 @@ class WarmStartConfig:
             raise ValueError(
                 "warm_start.induction_steps must be >= 0 and induction_learning_rate > 0, got "
                 f"{self.induction_steps} and {self.induction_learning_rate}"
+            )
+        if self.induction_task not in induction.TASKS:
+            raise ValueError(
+                f"warm_start.induction_task={self.induction_task!r}: choose one of "
+                f"{induction.TASKS}"
             )
 
 
@@ -347,6 +353,7 @@ def warm_start(
             learning_rate=config.induction_learning_rate,
             log_every=50,
             seed=seed,
+            task=config.induction_task,
         )
         curve = induction.train_copy(
             model, copy_task, log=lambda m: log(f"warm start copy task {m}")

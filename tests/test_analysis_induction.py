@@ -56,3 +56,46 @@ def test_train_copy_refuses_ids_beyond_the_vocabulary():
     model = Qwen(ModelConfig.preset("tiny", vocab_size=40), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="beyond the model's vocabulary of 40; lower vocab"):
         induction.train_copy(model, induction.ProbeConfig(vocab=64), log=lambda _: None)
+
+
+def _earlier_values(tokens, query, context):
+    """Values (the RECALL_VALUE tokens) that follow an earlier copy of the `context`
+    tokens before position `query`."""
+    size = induction.RECALL_VALUE
+    key = tuple(tokens[query - context : query])
+    return {
+        tuple(tokens[p : p + size])
+        for p in range(context, query - size + 1)
+        if tuple(tokens[p - context : p]) == key
+    }
+
+
+def test_recall_values_follow_their_key_and_not_the_separators_alone():
+    config = induction.ProbeConfig(vocab=2000, length=64, batch=64, task="recall")
+    tokens, mask = induction.recall_batch(np.random.default_rng(1), config)
+    assert tokens.shape == mask.shape == (64, 64)
+    longest = induction.RECALL_KEY[1] + induction.RECALL_SEPARATORS[1]
+    spans = ambiguous = 0
+    for row in range(64):
+        masked = np.flatnonzero(mask[row])
+        assert len(masked) >= 2 * induction.RECALL_VALUE  # at least two lines asked for
+        for query in masked[:: induction.RECALL_VALUE]:
+            value = tuple(tokens[row, query : query + induction.RECALL_VALUE])
+            assert mask[row, query : query + len(value)].all()
+            spans += 1
+            # The last separator alone is followed by several values...
+            ambiguous += len(_earlier_values(tokens[row], query, 1)) > 1
+            # ...the key and separators (at most `longest` tokens back) by this one only.
+            found = [_earlier_values(tokens[row], query, k) for k in range(1, longest + 1)]
+            assert {value} in found, (row, query)
+    assert ambiguous == spans
+
+
+def test_copy_and_recall_split_the_rows():
+    config = induction.ProbeConfig(vocab=500, batch=6, task="copy+recall")
+    tokens, mask = induction.task_batch(np.random.default_rng(0), config)
+    assert tokens.shape == (6, 64)
+    assert all(mask[row].sum() == config.span - 1 for row in range(3))  # copy rows
+    assert all(mask[row].sum() % induction.RECALL_VALUE == 0 for row in range(3, 6))
+    with pytest.raises(ValueError, match="task='lookup'"):
+        induction.ProbeConfig(task="lookup")

@@ -13,6 +13,16 @@ the loss falls steeply within a few hundred steps. `steps_to_copy` reports the f
 logged step whose loss is below half of log(vocab). Copying names, numbers and auth
 values from the conversation is most of the agent's job, so this measures how many
 updates an architecture needs before any of that can be learned.
+
+The recall variant (`task="recall"`) asks for a lookup instead: lines of a key (one or
+two random tokens), separator tokens shared by every line of the sequence, and a value,
+with random filler between them; then some keys again with the separators, and the loss
+on their values, the first value token included. At the last separator every line looks
+alike, so only the key a few tokens back says which value follows: the skill of
+copying the phone number that follows "Fraud: +1-" out of a directory where every line
+reads "Name: +1-...". The plain copy task never asks for it: its random tokens are
+unique, so matching the current token alone finds the span. `"copy+recall"` gives each
+batch half of each.
 """
 
 from __future__ import annotations
@@ -30,6 +40,12 @@ from ctu.rl.optim import OptimConfig, make_optimizer
 
 # Token ids below this are left out of the random tokens (special and markup tokens).
 FIRST_TOKEN = 16
+TASKS = ("copy", "recall", "copy+recall")
+# The recall task's lines: key, shared separators, value, then filler before the next.
+RECALL_KEY = (1, 2)
+RECALL_SEPARATORS = (2, 4)
+RECALL_VALUE = 4
+RECALL_FILLER = (0, 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +61,11 @@ class ProbeConfig:
     warmup_steps: int = 30
     log_every: int = 100
     seed: int = 0
+    task: str = "copy"  # copy | recall | copy+recall (half the rows each)
 
     def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"induction probe: task={self.task!r}, choose one of {TASKS}")
         for name in ("vocab", "span", "batch", "steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"induction probe: {name} must be >= 1, got {getattr(self, name)}")
@@ -70,6 +89,48 @@ def copy_batch(rng: np.random.Generator, config: ProbeConfig) -> tuple[np.ndarra
         tokens[row, dst : dst + span] = tokens[row, src : src + span]
         mask[row, dst + 1 : dst + span] = 1.0
     return tokens.astype(np.int32), mask
+
+
+def recall_batch(rng: np.random.Generator, config: ProbeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Random tokens `[batch, length]` holding key-separators-value lines, then keys of
+    those lines again with the separators and their values; the float mask of those
+    repeated values (module docstring)."""
+    tokens = rng.integers(FIRST_TOKEN, FIRST_TOKEN + config.vocab, (config.batch, config.length))
+    mask = np.zeros((config.batch, config.length), np.float32)
+    longest = RECALL_KEY[1] + RECALL_SEPARATORS[1] + RECALL_VALUE + RECALL_FILLER[1]
+    for row in range(config.batch):
+        separators = list(tokens[row, : rng.integers(*RECALL_SEPARATORS, endpoint=True)])
+        lines, position = [], 0
+        # Lines fill the first two thirds; queries of them the rest.
+        while position + longest <= 2 * config.length // 3:
+            key = list(rng.integers(FIRST_TOKEN, FIRST_TOKEN + config.vocab, RECALL_KEY[1]))
+            key = key[: rng.integers(*RECALL_KEY, endpoint=True)]
+            if any(key == k for k, _ in lines):
+                continue
+            value = list(rng.integers(FIRST_TOKEN, FIRST_TOKEN + config.vocab, RECALL_VALUE))
+            line = key + separators + value
+            tokens[row, position : position + len(line)] = line
+            lines.append((key, value))
+            position += len(line) + rng.integers(*RECALL_FILLER, endpoint=True)
+        for index in rng.permutation(len(lines)):
+            key, value = lines[index]
+            query = key + separators + value
+            if position + len(query) > config.length:
+                break
+            tokens[row, position : position + len(query)] = query
+            mask[row, position + len(query) - len(value) : position + len(query)] = 1.0
+            position += len(query) + rng.integers(*RECALL_FILLER, endpoint=True)
+    return tokens.astype(np.int32), mask
+
+
+def task_batch(rng: np.random.Generator, config: ProbeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of `config.task`: copy, recall, or half of each (copy rows first)."""
+    if config.task != "copy+recall":
+        return (copy_batch if config.task == "copy" else recall_batch)(rng, config)
+    half = dataclasses.replace(config, batch=config.batch // 2)
+    rest = dataclasses.replace(config, batch=config.batch - half.batch)
+    parts = [copy_batch(rng, half), recall_batch(rng, rest)]
+    return tuple(np.concatenate(arrays) for arrays in zip(*parts, strict=True))
 
 
 def train_copy(model: nnx.Module, config: ProbeConfig, log=print) -> list[dict]:
@@ -99,7 +160,7 @@ def train_copy(model: nnx.Module, config: ProbeConfig, log=print) -> list[dict]:
     chance = math.log(config.vocab)
     curve = []
     for step in range(1, config.steps + 1):
-        loss = train_step(model, optimizer, *copy_batch(rng, config))
+        loss = train_step(model, optimizer, *task_batch(rng, config))
         if step % config.log_every == 0 or step == config.steps:
             curve.append({"step": step, "loss": float(loss)})
             log(f"step {step}: copy loss {float(loss):.3f} (chance {chance:.3f})")
