@@ -75,6 +75,7 @@ def test_a_saved_config_without_the_llm_keys_still_reads():
         ("warm_start.feedback_demo_fraction", 2.0, "feedback_demo_fraction"),
         ("rollout.group_size", 0, "num_rollouts"),
         ("warm_start.induction_steps", -1, "induction_steps"),
+        ("warm_start.induction_task", "lookup", "induction_task"),
         ("eval.split", "validaton", "eval.split"),
         ("eval.num_tasks", 0, "eval.num_tasks"),
         ("algorithm.feedback_guidance.use_llm_enhancement", True, "llm_base_url"),
