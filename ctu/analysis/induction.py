@@ -97,17 +97,20 @@ def recall_batch(rng: np.random.Generator, config: ProbeConfig) -> tuple[np.ndar
     repeated values (module docstring)."""
     tokens = rng.integers(FIRST_TOKEN, FIRST_TOKEN + config.vocab, (config.batch, config.length))
     mask = np.zeros((config.batch, config.length), np.float32)
+
+    def draw(count: int) -> list:
+        return list(rng.integers(FIRST_TOKEN, FIRST_TOKEN + config.vocab, count))
+
     longest = RECALL_KEY[1] + RECALL_SEPARATORS[1] + RECALL_VALUE + RECALL_FILLER[1]
     for row in range(config.batch):
         separators = list(tokens[row, : rng.integers(*RECALL_SEPARATORS, endpoint=True)])
         lines, position = [], 0
         # Lines fill the first two thirds; queries of them the rest.
         while position + longest <= 2 * config.length // 3:
-            key = list(rng.integers(FIRST_TOKEN, FIRST_TOKEN + config.vocab, RECALL_KEY[1]))
-            key = key[: rng.integers(*RECALL_KEY, endpoint=True)]
+            key = draw(RECALL_KEY[1])[: rng.integers(*RECALL_KEY, endpoint=True)]
             if any(key == k for k, _ in lines):
                 continue
-            value = list(rng.integers(FIRST_TOKEN, FIRST_TOKEN + config.vocab, RECALL_VALUE))
+            value = draw(RECALL_VALUE)
             line = key + separators + value
             tokens[row, position : position + len(line)] = line
             lines.append((key, value))
