@@ -297,6 +297,43 @@ def test_feedback_on_wrong_department_names_the_right_one(world, env):
     pytest.fail("no wrong-department case found")
 
 
+def test_a_wrong_department_that_refuses_the_auth_is_still_the_wrong_department(world, env):
+    """The phone system authenticates before it routes: a department that handles none of
+    the requests and lacks a field of its own is a wrong number, not missing auth."""
+    cases = 0
+    for task in [t for t in world.split("train") if t.level in (1, 2)]:
+        right = world.departments[task.requests[0].department_id]
+        user = world.users[task.user_id]
+        needed = set(task.required_auth_fields)
+        for wrong in world.companies[task.company_id].departments:
+            theirs = set(data.auth_set_for(wrong, user))
+            if wrong is right or theirs <= needed or not all(user.has(f) for f in needed):
+                continue
+            given = {f: user.values[f] for f in needed}  # the task's fields, not theirs
+            actions = [
+                _search(world, task),
+                _form(needed),
+                _call(world, wrong.department_id, given),
+            ]
+            result = _run(env, task, actions)
+            if env.episode.steps[-2].outcome.status != "missing_auth":
+                continue  # it also accepts the task's fields
+            assert result.info["failure_type"] == reward.WRONG_DEPARTMENT
+            assert right.phone_number in result.info["feedback"]
+            assert wrong.phone_number in result.info["feedback"]
+            # The same fields, one short, given to the right department: missing auth.
+            short = dict(list(given.items())[1:])
+            actions = [
+                _search(world, task),
+                _form(needed),
+                _call(world, right.department_id, short),
+            ]
+            assert _run(env, task, actions).info["failure_type"] == reward.MISSING_AUTH
+            cases += 1
+            break
+    assert cases >= 10
+
+
 def test_feedback_on_repeated_form_and_over_collection(world, env):
     task = _task(world, 2)
     extra = next(f for f in data.AUTH_FIELDS if f not in task.required_auth_fields)

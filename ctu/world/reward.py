@@ -86,6 +86,10 @@ _CALL_FAILURES = {
 }
 
 
+# Call failures the phone system reports before it looks at the request.
+_BEFORE_ROUTING = (phone.MISSING_AUTH, phone.WRONG_AUTH_VALUE)
+
+
 @dataclasses.dataclass(frozen=True)
 class ScoreResult:
     score: float
@@ -159,8 +163,12 @@ def _penalties(task: data.Task, s: _Summary, reported: bool, completed: bool) ->
     }
 
 
+def _departments(task: data.Task) -> set:
+    return {r.department_id for r in task.requests}
+
+
 def _stage(task: data.Task, s: _Summary, served: set) -> float:
-    task_departments = {r.department_id for r in task.requests}
+    task_departments = _departments(task)
     if task_departments <= served:
         return COMPLETED_SCORE
     if any(c.authenticated and c.department_id in task_departments for c in s.calls):
@@ -185,7 +193,13 @@ def _failure_type(task, s: _Summary, completed: bool, penalties: dict) -> str:
     last_success = max((i for i, c in enumerate(s.calls) if c.status == phone.SERVED), default=-1)
     failures = [c for c in s.calls[last_success + 1 :] if c.status != phone.SERVED]
     if failures:
-        return _CALL_FAILURES[failures[-1].status]
+        last = failures[-1]
+        if last.status in _BEFORE_ROUTING and last.department_id not in _departments(task):
+            # The phone system authenticates before it routes, so a department that
+            # handles none of the requests answers about its own auth fields; what the
+            # agent got wrong is the number it dialled, not the fields it passed.
+            return WRONG_DEPARTMENT
+        return _CALL_FAILURES[last.status]
     return next((k for k, v in penalties.items() if v > 0), INCOMPLETE)
 
 
@@ -199,7 +213,7 @@ def compute_score_with_feedback(
     """
     s = _summarize(task, world, trajectory.steps)
     served = {c.department_id for c in s.calls if c.status == phone.SERVED}
-    completed = {r.department_id for r in task.requests} <= served
+    completed = _departments(task) <= served
     reported = trajectory.final_message is not None
     penalties = _penalties(task, s, reported, completed)
     stage = _stage(task, s, served)
@@ -226,8 +240,7 @@ def compute_score_with_feedback(
         "company_found": float(s.company_found),
         "auth_collected": len(needed & s.collected) / len(needed),
         "authenticated": float(any(c.authenticated for c in s.calls)),
-        "requests_served": len(served & {r.department_id for r in task.requests})
-        / len(task.requests),
+        "requests_served": len(served & _departments(task)) / len(task.requests),
         "form_calls": float(s.forms),
         "penalty": round(sum(penalties.values()), 6),
     }
