@@ -107,6 +107,10 @@ def get_config(arg=None):
     # form then follows from words a few tokens back, not from the request 400 tokens
     # earlier (docs/results.md section 2, second subsection).
     config.warm_start.thoughts = True
+    # A demonstration that reads a critique listing the task's fields cites the list in
+    # its first form's thought ("Feedback: all needed fields (name, phone)."), so the
+    # form is copied from a few tokens back rather than from the critique.
+    config.warm_start.feedback_thoughts = False
 
     # Rollout
     config.rollout = ml_collections.ConfigDict()

@@ -133,7 +133,7 @@ def heuristic_demonstrations(
             thoughts=config.thoughts,
         )
 
-    heuristic = agents.Recorder(agents.Heuristic())
+    heuristic = agents.Recorder(agents.Heuristic(cite_feedback=config.feedback_thoughts))
 
     demos = []
     for repeat in range(config.demos_per_task):

@@ -75,6 +75,9 @@ class WarmStartConfig:
     # department handles each request; which one it calls): the policy writes its
     # decision down next to the action that follows from it.
     thoughts: bool = False
+    # With thoughts, a demonstration that reads a critique listing the task's fields
+    # cites that list in its first form's thought (agents.Heuristic cite_feedback).
+    feedback_thoughts: bool = False
 
     def __post_init__(self):
         if self.num_tasks < 0:
@@ -94,6 +97,11 @@ class WarmStartConfig:
             )
         if self.warmup_steps < 0 or self.learning_rate <= 0:
             raise ValueError("warm_start.warmup_steps must be >= 0 and learning_rate > 0")
+        if self.feedback_thoughts and not self.thoughts:
+            raise ValueError(
+                "warm_start.feedback_thoughts cites critiques in the demonstrations' thoughts, "
+                "so it needs warm_start.thoughts=True (or set feedback_thoughts=False)"
+            )
         for tool, weight in dict(self.turn_weights).items():
             if tool not in TURN_KINDS:
                 raise ValueError(

@@ -210,3 +210,45 @@ def test_heuristic_thoughts_state_the_decisions_its_actions_follow():
             elif action.name != "auth_info_form":
                 assert thought == ""
     assert forms > 400 and calls > forms
+
+
+def test_heuristic_cites_the_critiques_field_list_before_the_form_it_asks_for():
+    """With cite_feedback, a retry after a critique that lists the task's fields thinks
+    "Feedback: all needed fields (...)." in the critique's words and asks for exactly
+    those; its actions are the plain heuristic's, and without critique it cites nothing."""
+    world = toys.shipped_world()
+    tasks = world.split("val")
+    critiques = {r.task_id: r.feedback for r in _run(world, "heuristic", tasks) if r.score < 1}
+    cited = 0
+    for task in tasks:
+        runs = {}
+        for cite in (False, True):
+            policy = agents.Recorder(agents.Heuristic(cite_feedback=cite))
+            env = Environment(world, [task])
+            observation = env.reset(task.task_id)
+            policy.reset(task.task_id, observation, feedback=critiques.get(task.task_id))
+            thoughts = []
+            while True:
+                action = policy.act(observation)
+                thoughts.append(policy.thought)
+                result = env.step(action)
+                observation = result.observation
+                if result.done:
+                    break
+            runs[cite] = (policy.actions, thoughts)
+        (plain, plain_thoughts), (citing, citing_thoughts) = runs[False], runs[True]
+        assert citing == plain
+        listed = re.search(  # the three templates that list the task's fields
+            r"(?:ask only for |every needed field \(|all needed fields \()([a-z_0-9, ]+)",
+            critiques.get(task.task_id, ""),
+        )
+        for action, thought, before in zip(citing, citing_thoughts, plain_thoughts, strict=True):
+            cite = re.search(r" ?Feedback: all needed fields \(([a-z_0-9, ]+)\)\.$", thought)
+            if cite is None:
+                assert thought == before
+                continue
+            assert action.name == "auth_info_form" and listed is not None
+            assert cite.group(1) == listed.group(1) == ", ".join(action.kwargs["fields"])
+            assert thought[: cite.start()] == before
+            cited += 1
+    assert cited >= 10

@@ -241,6 +241,12 @@ def test_warm_start_config_checks_turn_weights():
         sft.WarmStartConfig(turn_weights={"respond": -1.0})
 
 
+def test_feedback_thoughts_need_thoughts():
+    assert sft.WarmStartConfig(thoughts=True, feedback_thoughts=True).feedback_thoughts
+    with pytest.raises(ValueError, match="feedback_thoughts.*needs warm_start.thoughts=True"):
+        sft.WarmStartConfig(thoughts=False, feedback_thoughts=True)
+
+
 def test_sft_loss_adds_the_weighted_context_term():
     import jax
     import jax.numpy as jnp

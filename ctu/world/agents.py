@@ -247,11 +247,15 @@ class Heuristic(Policy):
     Lacks account_number."); before a call, the department and its number as the
     directory lists them ("Call Fraud: +1-800-555-0100."); otherwise
     "". Each separator comes straight after the words it follows in the user's
-    message, so whether the list goes on is read where it is copied from.
+    message, so whether the list goes on is read where it is copied from. With
+    `cite_feedback`, when a critique lists the task's fields the first form's thought
+    ends by citing them in the critique's words ("Feedback: all needed fields (name,
+    phone).") so the form is copied from a few tokens back.
     """
 
-    def __init__(self, seed=0):
+    def __init__(self, seed=0, cite_feedback: bool = False):
         del seed  # deterministic: the same observations give the same actions
+        self.cite_feedback = cite_feedback
 
     def reset(self, task_id: str, observation: str, feedback: str | None = None) -> None:
         del task_id  # the heuristic does not peek at the task
@@ -358,6 +362,9 @@ class Heuristic(Policy):
             self.guess[name] = self._guess_fields(name)
         self._apply_hints()
         if self.hints.needed_fields:
+            if self.cite_feedback:  # the critique's list, in its words, next to the form
+                cited = ", ".join(f for f in data.AUTH_FIELDS if f in self.hints.needed_fields)
+                self.thought = f"{self.thought} Feedback: all needed fields ({cited}).".strip()
             return self._form(self.hints.needed_fields)
         return self._form({f for name in self.plan for f in self.guess[name]})
 
