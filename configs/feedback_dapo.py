@@ -10,10 +10,10 @@ Variants (comma separated after a colon):
 Any key below can be overridden with --config.KEY=VALUE, e.g.
 --config.algorithm.feedback_guidance.mix=0.5.
 
-Sized for the 20-minute budget on 2 CPU cores: 16 min 23 s measured on seed 0, idle
-machine (tokenizer, demonstrations and copy-and-recall task 1 min 54 s, 1,000-step warm
-start 9 min 57 s, probe 10 s, then 12 RL steps with 4 evaluations, 4 min 52 s); 17 min
-18 s in an earlier session; docs/results.md has the runs.
+Sized for the 20-minute budget on 2 CPU cores: 16 min 30 s measured on seed 0, idle
+machine (tokenizer and demonstrations 11 s, copy-and-recall task and 1,000-step warm
+start 11 min 48 s, probe 10 s, then 12 RL steps with 4 evaluations, 4 min 17 s); 16 min
+23 s in the previous session; docs/results.md has the runs.
 """
 
 import ml_collections
@@ -94,7 +94,7 @@ def get_config(arg=None):
     # copy+recall: half the rows each (ctu.analysis.induction). With copy+recall the
     # warm start copies the right phone number more often (56-63% against 49-51%) and
     # succeeds on 14/16/22% of validation tasks against 8/10/4% (docs/results.md
-    # section 2, first subsection); the same time.
+    # section 2, second subsection); the same time.
     config.warm_start.induction_task = "copy+recall"
     # Loss weight of the demonstrated turns by the tool they call (respond: a message to
     # the user), within a weighted token mean.
@@ -105,11 +105,14 @@ def get_config(arg=None):
     # drops: the user's requests and the department that handles each before the
     # first form, the department and its number before a call (agents.Heuristic). The
     # form then follows from words a few tokens back, not from the request 400 tokens
-    # earlier (docs/results.md section 2, second subsection).
+    # earlier (docs/results.md section 2, third subsection).
     config.warm_start.thoughts = True
     # A demonstration that reads a critique listing the task's fields cites the list in
     # its first form's thought ("Feedback: all needed fields (name, phone)."), so the
-    # form is copied from a few tokens back rather than from the critique.
+    # form could be copied from a few tokens back. Off: on seed 0 the retries cite the
+    # right list (12 of 15) but their forms do not follow it (3 of 17), and they solve 4
+    # of 45 retries against 0 of 43 (docs/results.md section 2, first subsection). On,
+    # it needs rollout.max_new_tokens=128 (its longest turn is 124 tokens).
     config.warm_start.feedback_thoughts = False
 
     # Rollout
