@@ -250,7 +250,7 @@ class Heuristic(Policy):
     message, so whether the list goes on is read where it is copied from. With
     `cite_feedback`, when a critique lists the task's fields the first form's thought
     ends by citing them in the critique's words ("Feedback: all needed fields (name,
-    phone).") so the form is copied from a few tokens back.
+    phone).") so the form can be copied from a few tokens back.
     """
 
     def __init__(self, seed=0, cite_feedback: bool = False):
