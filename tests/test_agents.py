@@ -159,6 +159,22 @@ def test_feedback_helps_the_heuristic_and_not_the_others():
     assert metrics["random"]["with_feedback"]["success_rate"] == metrics["random"]["success_rate"]
 
 
+def _play_thinking(world, task, heuristic, feedback=None):
+    """One episode of `heuristic` on `task`: its actions and the thought before each."""
+    policy = agents.Recorder(heuristic)
+    env = Environment(world, [task])
+    observation = env.reset(task.task_id)
+    policy.reset(task.task_id, observation, feedback=feedback)
+    thoughts = []
+    while True:
+        action = policy.act(observation)
+        thoughts.append(policy.thought)
+        result = env.step(action)
+        observation = result.observation
+        if result.done:
+            return policy.actions, thoughts
+
+
 def test_heuristic_thoughts_state_the_decisions_its_actions_follow():
     """Before the first form the thought routes each request to the department whose
     directory line offers it, and the form is those departments' prior fields (with
@@ -170,19 +186,8 @@ def test_heuristic_thoughts_state_the_decisions_its_actions_follow():
     for task in world.split("train"):
         company = world.companies[task.company_id]
         by_name = {d.name: d for d in company.departments}
-        policy = agents.Recorder(agents.Heuristic())
-        env = Environment(world, [task])
-        observation = env.reset(task.task_id)
-        policy.reset(task.task_id, observation)
-        thoughts = []
-        while True:
-            action = policy.act(observation)
-            thoughts.append(policy.thought)
-            result = env.step(action)
-            observation = result.observation
-            if result.done:
-                break
-        names = [a.name for a in policy.actions]
+        actions, thoughts = _play_thinking(world, task, agents.Heuristic())
+        names = [a.name for a in actions]
         if "auth_info_form" in names:
             at = names.index("auth_info_form")
             requests = re.match(r"Requests: (.+?\.(?: \([A-Za-z ]+\))?)(?: |$)", thoughts[at])
@@ -196,13 +201,13 @@ def test_heuristic_thoughts_state_the_decisions_its_actions_follow():
                 assert request.replace(" my ", " your ") in by_name[name].description
             lacks = re.search(r"Lacks ([a-z_, 0-9]+)\.", thoughts[at])
             lacking = set(lacks.group(1).split(", ")) if lacks else set()
-            fields = set(policy.actions[at].kwargs["fields"])
+            fields = set(actions[at].kwargs["fields"])
             assert not fields & lacking
             if not lacking:
                 kinds = {by_name[name].type for _, name in routes}
                 assert fields == {f for k in kinds for f in agents.AUTH_PRIOR[k]}
             forms += 1
-        for action, thought in zip(policy.actions, thoughts, strict=True):
+        for action, thought in zip(actions, thoughts, strict=True):
             if action.name == "make_phone_call":
                 name, number = re.fullmatch(r"Call (.+): (\+[-\d]+)\.", thought).groups()
                 assert by_name[name].phone_number == number == action.kwargs["phone_number"]
@@ -223,19 +228,8 @@ def test_heuristic_cites_the_critiques_field_list_before_the_form_it_asks_for():
     for task in tasks:
         runs = {}
         for cite in (False, True):
-            policy = agents.Recorder(agents.Heuristic(cite_feedback=cite))
-            env = Environment(world, [task])
-            observation = env.reset(task.task_id)
-            policy.reset(task.task_id, observation, feedback=critiques.get(task.task_id))
-            thoughts = []
-            while True:
-                action = policy.act(observation)
-                thoughts.append(policy.thought)
-                result = env.step(action)
-                observation = result.observation
-                if result.done:
-                    break
-            runs[cite] = (policy.actions, thoughts)
+            heuristic = agents.Heuristic(cite_feedback=cite)
+            runs[cite] = _play_thinking(world, task, heuristic, critiques.get(task.task_id))
         (plain, plain_thoughts), (citing, citing_thoughts) = runs[False], runs[True]
         assert citing == plain
         listed = re.search(  # the three templates that list the task's fields
