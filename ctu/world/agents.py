@@ -362,10 +362,11 @@ class Heuristic(Policy):
             self.guess[name] = self._guess_fields(name)
         self._apply_hints()
         if self.hints.needed_fields:
+            form = self._form(self.hints.needed_fields)
             if self.cite_feedback:  # the critique's list, in its words, next to the form
-                cited = ", ".join(f for f in data.AUTH_FIELDS if f in self.hints.needed_fields)
+                cited = ", ".join(form.kwargs["fields"])
                 self.thought = f"{self.thought} Feedback: all needed fields ({cited}).".strip()
-            return self._form(self.hints.needed_fields)
+            return form
         return self._form({f for name in self.plan for f in self.guess[name]})
 
     def _apply_hints(self) -> None:
