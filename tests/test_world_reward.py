@@ -1,13 +1,16 @@
 """Reward ladder, penalties, anti-gaming, feedback content and the LLM feedback cache."""
 
+import collections
+import json
 import os
+import re
 import timeit
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ctu.world import data, feedback, reward
+from ctu.world import data, evaluation, feedback, reward, tools
 from ctu.world.env import Action, Environment
 from tests import toys
 
@@ -328,7 +331,10 @@ def test_a_wrong_department_that_refuses_the_auth_is_still_the_wrong_department(
                 _form(needed),
                 _call(world, right.department_id, short),
             ]
-            assert _run(env, task, actions).info["failure_type"] == reward.MISSING_AUTH
+            info = _run(env, task, actions).info
+            assert info["failure_type"] == reward.MISSING_AUTH
+            # the form had every field: the critique is about the call, and shows no form
+            assert " lacked " in info["feedback"] and "The form:" not in info["feedback"]
             cases += 1
             break
     assert cases >= 10
@@ -345,6 +351,42 @@ def test_feedback_on_repeated_form_and_over_collection(world, env):
     actions.insert(2, actions[1])
     info = _run(env, task, actions).info
     assert info["failure_type"] == reward.REPEATED_FORM and "once" in info["feedback"].lower()
+
+
+def test_critiques_show_the_corrected_arguments_as_json(world):
+    """Over the random policy's failures: a critique that lists the task's fields in prose
+    ends with the form's arguments as JSON, exactly those fields, valid for the form's
+    schema; one that names the department to dial ends with its number as JSON; no other
+    critique shows either."""
+    form_schema = next(t for t in tools.TOOL_SCHEMAS if t["function"]["name"] == "auth_info_form")
+    valid_form = tools.compile_checker(form_schema["function"]["parameters"])
+    tasks = {t.task_id: t for t in world.split("val")}
+    results = evaluation.run_episodes(
+        evaluation.scripted_policy("random", world), world, list(tasks.values()), trials=1, seed=1
+    )
+    shown = collections.Counter()
+    for r in results:
+        text, task = r.feedback, tasks[r.task_id]
+        listed = re.search(r"(?:ask only for |every needed field \(|all needed fields \()", text)
+        form = re.search(r" The form: (\{.*?\})\.(?: |$)", text)
+        assert (form is None) == (listed is None), text
+        if form is not None:
+            arguments = json.loads(form.group(1))
+            assert valid_form(arguments)
+            assert set(arguments["fields"]) == set(task.required_auth_fields)
+            shown["form"] += 1
+        named = re.search(
+            r"(?:The right department|The department you need next) is [^(]*\((\+[\d-]+)\)", text
+        )
+        call = re.search(r" The call: (\{.*?\})\.$", text)
+        assert (call is None) == (named is None), text
+        if call is not None:
+            assert json.loads(call.group(1)) == {"phone_number": named.group(1)}
+            assert named.group(1) in {
+                world.departments[q.department_id].phone_number for q in task.requests
+            }
+            shown["call"] += 1
+    assert shown["form"] >= 20 and shown["call"] >= 5, shown
 
 
 def test_reward_is_fast(world, env):

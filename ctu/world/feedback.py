@@ -208,13 +208,44 @@ TEMPLATES = {
 }
 
 
+# Failure types whose critique lists the task's form fields, and those that name the
+# department to dial next.
+_FORM_KINDS = ("missing_auth", "repeated_form", "over_collection")
+_CALL_KINDS = ("wrong_department", "unknown_number")
+
+
+def _arguments_to_copy(ctx: FeedbackContext, kinds) -> list[str]:
+    """The corrected tool arguments, written as the policy writes them: JSON.
+
+    A critique that lists fields in prose ("name, phone") leaves the policy to rewrite
+    the list as the form's JSON; a small policy copies JSON it has seen token for token
+    far more often than it rewrites prose (docs/results.md section 2). The form's fields
+    are shown when the critique lists the task's fields, the next number when it names
+    the department to dial.
+    """
+    shown = []
+    needed = set(ctx.task.required_auth_fields)
+    # missing_auth lists the task's fields only when the form left some out
+    form_kinds = _FORM_KINDS if needed - ctx.collected else _FORM_KINDS[1:]
+    if any(k in form_kinds for k in kinds):
+        fields = [f for f in data.AUTH_FIELDS if f in needed]
+        shown.append(f"The form: {json.dumps({'fields': fields})}.")
+    pending = _pending(ctx)
+    if any(k in _CALL_KINDS for k in kinds) and pending:
+        number = ctx.world.departments[pending[0]].phone_number
+        shown.append(f"The call: {json.dumps({'phone_number': number})}.")
+    return shown
+
+
 def rule_based_feedback(ctx: FeedbackContext) -> str:
-    """The main template, then one note per other penalty the episode incurred."""
+    """The main template, then one note per other penalty the episode incurred, then the
+    corrected arguments as JSON (`_arguments_to_copy`)."""
     parts = [TEMPLATES[ctx.failure_type](ctx)]
     for kind in ctx.penalties:
         if kind != ctx.failure_type:
             parts.append("Also: " + TEMPLATES[kind](ctx))
-    return " ".join(parts)
+    kinds = [ctx.failure_type, *(k for k in ctx.penalties if k != ctx.failure_type)]
+    return " ".join(parts + _arguments_to_copy(ctx, kinds))
 
 
 # ---- optional LLM enhancement ----------------------------------------------------------
