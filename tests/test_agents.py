@@ -1,5 +1,6 @@
 """Scripted policies: the oracle solves every task, the heuristic sits in between."""
 
+import collections
 import re
 
 import pytest
@@ -217,32 +218,49 @@ def test_heuristic_thoughts_state_the_decisions_its_actions_follow():
     assert forms > 400 and calls > forms
 
 
-def test_heuristic_cites_the_critiques_field_list_before_the_form_it_asks_for():
-    """With cite_feedback, a retry after a critique that lists the task's fields thinks
-    "Feedback: all needed fields (...)." in the critique's words and asks for exactly
-    those; its actions are the plain heuristic's, and without critique it cites nothing."""
+def test_heuristic_cites_what_the_critique_says_about_its_first_form():
+    """With cite_feedback, a retry's first-form thought opens with "Feedback: The right
+    department is ..." in the critique's words when it names one, and ends with
+    "Feedback: all needed fields (...)." when it lists the task's fields, and asks for
+    exactly those; its actions are the plain heuristic's, and without critique it cites
+    nothing. Critiques of the heuristic's and the random policy's failures."""
     world = toys.shipped_world()
     tasks = world.split("val")
-    critiques = {r.task_id: r.feedback for r in _run(world, "heuristic", tasks) if r.score < 1}
-    cited = 0
-    for task in tasks:
-        runs = {}
-        for cite in (False, True):
-            heuristic = agents.Heuristic(cite_feedback=cite)
-            runs[cite] = _play_thinking(world, task, heuristic, critiques.get(task.task_id))
-        (plain, plain_thoughts), (citing, citing_thoughts) = runs[False], runs[True]
-        assert citing == plain
-        listed = re.search(  # the three templates that list the task's fields
-            r"(?:ask only for |every needed field \(|all needed fields \()([a-z_0-9, ]+)",
-            critiques.get(task.task_id, ""),
-        )
-        for action, thought, before in zip(citing, citing_thoughts, plain_thoughts, strict=True):
-            cite = re.search(r" ?Feedback: all needed fields \(([a-z_0-9, ]+)\)\.$", thought)
-            if cite is None:
+    cited = collections.Counter()
+    for critic in ("heuristic", "random"):
+        critiques = {r.task_id: r.feedback for r in _run(world, critic, tasks) if r.score < 1}
+        for task in tasks:
+            critique = critiques.get(task.task_id, "")
+            runs = {}
+            for cite in (False, True):
+                heuristic = agents.Heuristic(cite_feedback=cite)
+                runs[cite] = _play_thinking(world, task, heuristic, critique or None)
+            (plain, plain_thoughts), (citing, citing_thoughts) = runs[False], runs[True]
+            assert citing == plain
+            listed = re.search(  # the three templates that list the task's fields
+                r"(?:ask only for |every needed field \(|all needed fields \()([a-z_0-9, ]+)",
+                critique,
+            )
+            right = re.search(r"The right department is ([^(]+) \(", critique)
+            for action, thought, before in zip(
+                citing, citing_thoughts, plain_thoughts, strict=True
+            ):
+                if thought == before:
+                    continue
+                assert action.name == "auth_info_form"
+                department = re.match(r"Feedback: The right department is ([^.]+)\. ?", thought)
+                if department is not None:
+                    assert right is not None and department.group(1) == right.group(1)
+                    # the cited department is one the plan then routes a request to
+                    routed = re.findall(r"\((\w[\w ]*)\)", thought[department.end() :])
+                    assert any(department.group(1).endswith(" " + r) for r in routed)
+                    thought = thought[department.end() :]
+                    cited["department"] += 1
+                fields = re.search(r" ?Feedback: all needed fields \(([a-z_0-9, ]+)\)\.$", thought)
+                if fields is not None:
+                    assert listed is not None
+                    assert fields.group(1) == listed.group(1) == ", ".join(action.kwargs["fields"])
+                    thought = thought[: fields.start()]
+                    cited["fields"] += 1
                 assert thought == before
-                continue
-            assert action.name == "auth_info_form" and listed is not None
-            assert cite.group(1) == listed.group(1) == ", ".join(action.kwargs["fields"])
-            assert thought[: cite.start()] == before
-            cited += 1
-    assert cited >= 10
+    assert cited["fields"] >= 10 and cited["department"] >= 3, cited

@@ -206,6 +206,7 @@ class FeedbackHints:
     drop_fields: tuple[tuple[str, str], ...] = ()  # (department phone, field)
     prerequisites: tuple[tuple[str, str], ...] = ()  # (department phone, its prerequisite's)
     right_department: str | None = None  # phone
+    right_department_name: str | None = None  # as the critique names it, company first
 
     @classmethod
     def parse(cls, text: str) -> FeedbackHints:
@@ -221,7 +222,7 @@ class FeedbackHints:
             r"You gave [^(]*" + _DEPT_PHONE + r" details it does not need \(" + _FIELD_LIST, text
         )
         order = re.findall(_DEPT_PHONE + r" requires that you reach ([^.]*) first", text)
-        right = re.search(r"The right department is [^(]*" + _DEPT_PHONE, text)
+        right = re.search(r"The right department is ([^(]*) " + _DEPT_PHONE, text)
         return cls(
             company=company.group(1) if company else None,
             needed_fields=tuple(fields(needed.group(1))) if needed else (),
@@ -232,7 +233,8 @@ class FeedbackHints:
                 for phone, group in order
                 for before in re.findall(_DEPT_PHONE, group)
             ),
-            right_department=right.group(1) if right else None,
+            right_department=right.group(2) if right else None,
+            right_department_name=right.group(1) if right else None,
         )
 
 
@@ -248,9 +250,11 @@ class Heuristic(Policy):
     directory lists them ("Call Fraud: +1-800-555-0100."); otherwise
     "". Each separator comes straight after the words it follows in the user's
     message, so whether the list goes on is read where it is copied from. With
-    `cite_feedback`, when a critique lists the task's fields the first form's thought
-    ends by citing them in the critique's words ("Feedback: all needed fields (name,
-    phone).") so the form can be copied from a few tokens back.
+    `cite_feedback`, the first form's thought cites what a critique says about it in
+    the critique's words: it opens with the right department when the critique names
+    one in this directory ("Feedback: The right department is Acme Fraud.") and ends
+    with the task's fields when it lists them ("Feedback: all needed fields (name,
+    phone)."), so the decision can be copied from a few tokens back.
     """
 
     def __init__(self, seed=0, cite_feedback: bool = False):
@@ -361,6 +365,11 @@ class Heuristic(Policy):
         for name in self.departments:
             self.guess[name] = self._guess_fields(name)
         self._apply_hints()
+        right = self.hints.right_department
+        if self.cite_feedback and right in {phone for phone, _ in self.departments.values()}:
+            # the department the critique names, in its words, before the plan follows it
+            cited = f"Feedback: The right department is {self.hints.right_department_name}."
+            self.thought = f"{cited} {self.thought}".strip()
         if self.hints.needed_fields:
             form = self._form(self.hints.needed_fields)
             if self.cite_feedback:  # the critique's list, in its words, next to the form
