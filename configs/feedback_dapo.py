@@ -107,13 +107,12 @@ def get_config(arg=None):
     # form then follows from words a few tokens back, not from the request 400 tokens
     # earlier (docs/results.md section 2, third subsection).
     config.warm_start.thoughts = True
-    # A demonstration that reads a critique listing the task's fields cites the list in
-    # its first form's thought ("Feedback: all needed fields (name, phone)."), so the
-    # form could be copied from a few tokens back. Off: on seed 0 the retries cite the
-    # right list (12 of 15) but their forms do not follow it (3 of 17), and they solve 4
-    # of 45 retries against 0 of 43 (docs/results.md section 2, first subsection). On,
-    # it needs rollout.max_new_tokens=128 (its longest turn is 124 tokens).
-    config.warm_start.feedback_thoughts = False
+    # A demonstration that reads a critique cites it in its first form's thought, in the
+    # critique's words: the right department when it names one, the task's fields when
+    # it lists them ("Feedback: all needed fields (name, phone)."), so the decision can
+    # be copied from a few tokens back (agents.Heuristic cite_feedback). The longest
+    # demonstrated turn is then 128 tokens (rollout.max_new_tokens below).
+    config.warm_start.feedback_thoughts = True
 
     # Rollout
     config.rollout = ml_collections.ConfigDict()
@@ -132,12 +131,13 @@ def get_config(arg=None):
     config.rollout.tasks_per_step = 4
     config.rollout.group_size = 8
     config.rollout.max_turns = 10
-    # Per assistant turn. The heuristic's longest turn on the shipped world is 116 tokens
-    # with the world tokenizer (a call with six auth values after its thought); at 80,
+    # Per assistant turn. The heuristic's longest turn on the shipped world is 128 tokens
+    # with the world tokenizer (a first form whose thought cites a critique; 116 without
+    # warm_start.feedback_thoughts, a call with six auth values after its thought); at 80,
     # 41 of 100 val tasks needed a longer turn than the policy could write
     # (tests/test_train.py). A higher limit only lets a derailed turn run on
     # (docs/results.md section 2).
-    config.rollout.max_new_tokens = 120
+    config.rollout.max_new_tokens = 132
     # Per episode, prompt included; the prompt alone (system turn with the tool
     # schemas, the user's request) is ~860 tokens with the world tokenizer.
     config.rollout.max_total_tokens = 2048
