@@ -75,8 +75,9 @@ class WarmStartConfig:
     # department handles each request; which one it calls): the policy writes its
     # decision down next to the action that follows from it.
     thoughts: bool = False
-    # With thoughts, a demonstration that reads a critique listing the task's fields
-    # cites that list in its first form's thought (agents.Heuristic cite_feedback).
+    # With thoughts, a demonstration that reads a critique cites, in its first form's
+    # thought, the right department it names and the task's fields it lists
+    # (agents.Heuristic cite_feedback).
     feedback_thoughts: bool = False
 
     def __post_init__(self):
