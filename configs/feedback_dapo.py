@@ -94,7 +94,7 @@ def get_config(arg=None):
     # copy+recall: half the rows each (ctu.analysis.induction). With copy+recall the
     # warm start copies the right phone number more often (56-63% against 49-51%) and
     # succeeds on 14/16/22% of validation tasks against 8/10/4% (docs/results.md
-    # section 2, second subsection); the same time.
+    # section 2, third subsection); the same time.
     config.warm_start.induction_task = "copy+recall"
     # Loss weight of the demonstrated turns by the tool they call (respond: a message to
     # the user), within a weighted token mean.
@@ -105,14 +105,17 @@ def get_config(arg=None):
     # drops: the user's requests and the department that handles each before the
     # first form, the department and its number before a call (agents.Heuristic). The
     # form then follows from words a few tokens back, not from the request 400 tokens
-    # earlier (docs/results.md section 2, third subsection).
+    # earlier (docs/results.md section 2, fourth subsection).
     config.warm_start.thoughts = True
     # A demonstration that reads a critique cites it in its first form's thought, in the
     # critique's words: the right department when it names one, the task's fields when
-    # it lists them ("Feedback: all needed fields (name, phone)."), so the decision can
-    # be copied from a few tokens back (agents.Heuristic cite_feedback). The longest
-    # demonstrated turn is then 128 tokens (rollout.max_new_tokens below).
-    config.warm_start.feedback_thoughts = True
+    # it lists them ("Feedback: all needed fields (name, phone).") (agents.Heuristic
+    # cite_feedback). Off: with critiques that show the form's JSON the retries copy the
+    # form without it, and on three seeds the warm starts succeeded on 10 / 10 / 24% of
+    # validation tasks with it against 16 / 12 / 34% without, and their guided rollouts
+    # on 10% against 16% (docs/results.md section 2, first subsection). On, the longest
+    # demonstrated turn is 128 tokens.
+    config.warm_start.feedback_thoughts = False
 
     # Rollout
     config.rollout = ml_collections.ConfigDict()
@@ -131,12 +134,12 @@ def get_config(arg=None):
     config.rollout.tasks_per_step = 4
     config.rollout.group_size = 8
     config.rollout.max_turns = 10
-    # Per assistant turn. The heuristic's longest turn on the shipped world is 128 tokens
-    # with the world tokenizer (a first form whose thought cites a critique; 116 without
-    # warm_start.feedback_thoughts, a call with six auth values after its thought); at 80,
+    # Per assistant turn. The heuristic's longest turn on the shipped world is 116 tokens
+    # with the world tokenizer (a call with six auth values after its thought; 128 with
+    # warm_start.feedback_thoughts, a first form whose thought cites a critique); at 80,
     # 41 of 100 val tasks needed a longer turn than the policy could write
     # (tests/test_train.py). A higher limit only lets a derailed turn run on
-    # (docs/results.md section 2).
+    # (docs/results.md section 2). 132 fits either (this session's runs used it).
     config.rollout.max_new_tokens = 132
     # Per episode, prompt included; the prompt alone (system turn with the tool
     # schemas, the user's request) is ~860 tokens with the world tokenizer.
