@@ -208,10 +208,10 @@ TEMPLATES = {
 }
 
 
-# Failure types whose critique lists the task's form fields, and those that name the
-# department to dial next.
-_FORM_KINDS = ("missing_auth", "repeated_form", "over_collection")
-_CALL_KINDS = ("wrong_department", "unknown_number")
+# Failure types whose critique always lists the task's form fields (missing_auth does
+# when the form left some out), and those that name the department to dial next.
+_FORM_KINDS = {"repeated_form", "over_collection"}
+_CALL_KINDS = {"wrong_department", "unknown_number"}
 
 
 def _arguments_to_copy(ctx: FeedbackContext, kinds) -> list[str]:
@@ -225,13 +225,12 @@ def _arguments_to_copy(ctx: FeedbackContext, kinds) -> list[str]:
     """
     shown = []
     needed = set(ctx.task.required_auth_fields)
-    # missing_auth lists the task's fields only when the form left some out
-    form_kinds = _FORM_KINDS if needed - ctx.collected else _FORM_KINDS[1:]
-    if any(k in form_kinds for k in kinds):
+    form_kinds = _FORM_KINDS | ({"missing_auth"} if needed - ctx.collected else set())
+    if form_kinds & set(kinds):
         fields = [f for f in data.AUTH_FIELDS if f in needed]
         shown.append(f"The form: {json.dumps({'fields': fields})}.")
     pending = _pending(ctx)
-    if any(k in _CALL_KINDS for k in kinds) and pending:
+    if _CALL_KINDS & set(kinds) and pending:
         number = ctx.world.departments[pending[0]].phone_number
         shown.append(f"The call: {json.dumps({'phone_number': number})}.")
     return shown
@@ -240,11 +239,8 @@ def _arguments_to_copy(ctx: FeedbackContext, kinds) -> list[str]:
 def rule_based_feedback(ctx: FeedbackContext) -> str:
     """The main template, then one note per other penalty the episode incurred, then the
     corrected arguments as JSON (`_arguments_to_copy`)."""
-    parts = [TEMPLATES[ctx.failure_type](ctx)]
-    for kind in ctx.penalties:
-        if kind != ctx.failure_type:
-            parts.append("Also: " + TEMPLATES[kind](ctx))
     kinds = [ctx.failure_type, *(k for k in ctx.penalties if k != ctx.failure_type)]
+    parts = [TEMPLATES[kinds[0]](ctx), *("Also: " + TEMPLATES[k](ctx) for k in kinds[1:])]
     return " ".join(parts + _arguments_to_copy(ctx, kinds))
 
 
