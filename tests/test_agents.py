@@ -7,6 +7,7 @@ import pytest
 
 from ctu.world import agents, data, evaluation, phone
 from ctu.world.env import Environment
+from ctu.world.feedback import task_calls
 from tests import toys
 
 
@@ -131,7 +132,7 @@ def test_feedback_hints_read_the_world_critiques():
     """Parsed from real rule-based critiques, the field hints are the task's exact fields."""
     world = toys.shipped_world()
     first = _run(world, "heuristic", world.split("val") + world.split("test"))
-    checked = 0
+    checked = calls = 0
     for result in first:
         hints = agents.FeedbackHints.parse(result.feedback)
         if hints.needed_fields:
@@ -141,7 +142,46 @@ def test_feedback_hints_read_the_world_critiques():
         phones = {d.phone_number for d in company.departments}
         for phone_number, _ in hints.drop_fields + hints.add_fields + hints.prerequisites:
             assert phone_number in phones
-    assert checked >= 20
+        if hints.calls:
+            task = world.tasks[result.task_id]
+            shown = [(c["phone_number"], tuple(c["auth_info"])) for c in task_calls(world, task)]
+            assert list(hints.calls) == shown
+            calls += 1
+    assert checked >= 20 and calls >= 20
+
+
+def test_feedback_hints_skip_a_calls_list_cut_short():
+    """A critique cut at the block's token budget ends mid-list: no calls, not an error;
+    a whole list after it is still read."""
+    whole = 'The calls: [{"phone_number": "+1-800-555-0100", "auth_info": ["name"]}].'
+    assert agents.FeedbackHints.parse(whole[:-12] + " ...").calls == ()
+    assert agents.FeedbackHints.parse(whole[:-12] + " " + whole).calls == (
+        ("+1-800-555-0100", ("name",)),
+    )
+
+
+def test_heuristic_makes_the_calls_the_critique_shows():
+    """Reading a critique that shows the task's calls, the heuristic dials those numbers
+    in that order with those fields (and the user's values). Critiques
+    of the heuristic's and the random policy's failures on the validation tasks."""
+    world = toys.shipped_world()
+    tasks = world.split("val")
+    followed = 0
+    for critic in ("heuristic", "random"):
+        for r in _run(world, critic, tasks):
+            hints = agents.FeedbackHints.parse(r.feedback)
+            if not hints.calls:
+                continue
+            task = world.tasks[r.task_id]
+            actions, _ = _play_thinking(world, task, agents.Heuristic(), r.feedback)
+            made = [
+                (a.kwargs["phone_number"], tuple(a.kwargs["auth_info"]))
+                for a in actions
+                if a.name == "make_phone_call"
+            ]
+            assert made == list(hints.calls), (r.feedback, made)
+            followed += 1
+    assert followed >= 100
 
 
 def test_feedback_helps_the_heuristic_and_not_the_others():
@@ -156,6 +196,8 @@ def test_feedback_helps_the_heuristic_and_not_the_others():
     failures = heuristic["episodes"] * (1 - heuristic["success_rate"])
     assert heuristic["with_feedback"]["retried"] == round(failures)
     assert heuristic["with_feedback"]["success_rate"] > heuristic["success_rate"]
+    # critiques show the calls that solve the task (ctu/world/feedback.py), and it makes them
+    assert heuristic["with_feedback"]["success_rate"] == 1.0
     assert metrics["oracle"]["with_feedback"]["retried"] == 0
     assert metrics["random"]["with_feedback"]["success_rate"] == metrics["random"]["success_rate"]
 

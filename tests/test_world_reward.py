@@ -353,11 +353,30 @@ def test_feedback_on_repeated_form_and_over_collection(world, env):
     assert info["failure_type"] == reward.REPEATED_FORM and "once" in info["feedback"].lower()
 
 
-def test_critiques_show_the_corrected_arguments_as_json(world):
+# What each critique of the form or a call says, in its own words (ctu/world/feedback.py).
+_FORM_OR_CALL_FAILURES = (
+    "never collected",
+    "lacked",
+    "before the user gave them",
+    "did not match the user's records",
+    "not in service",
+    "does not handle this request",
+    "requires that you reach",
+    "more than once",
+    "which no department in this task needs",
+    "details it does not need",
+    "achieved nothing",
+    "stopped before finishing",
+)
+
+
+def test_critiques_show_the_corrected_arguments_as_json(world, env):
     """Over the random policy's failures: a critique that lists the task's fields in prose
-    ends with the form's arguments as JSON, exactly those fields, valid for the form's
-    schema; one that names the department to dial ends with its number as JSON; no other
-    critique shows either."""
+    shows the form's arguments as JSON, exactly those fields, valid for the form's schema.
+    One that criticises the form or a call shows the task's calls, with field names and
+    no values: the department it names to dial among them, and the calls, filled in with
+    the values the user gives, solve the task after that form. No other critique shows
+    either."""
     form_schema = next(t for t in tools.TOOL_SCHEMAS if t["function"]["name"] == "auth_info_form")
     valid_form = tools.compile_checker(form_schema["function"]["parameters"])
     tasks = {t.task_id: t for t in world.split("val")}
@@ -375,18 +394,27 @@ def test_critiques_show_the_corrected_arguments_as_json(world):
             assert valid_form(arguments)
             assert set(arguments["fields"]) == set(task.required_auth_fields)
             shown["form"] += 1
+        calls = re.search(r" The calls: (\[.*?\]\}\])\.(?: |$)", text)
+        criticised = any(phrase in text for phrase in _FORM_OR_CALL_FAILURES)
+        assert (calls is None) == (not criticised), text
+        if calls is None:
+            continue
+        calls = json.loads(calls.group(1))
+        user = world.users[task.user_id]
+        assert all(user.values[f] not in text for c in calls for f in c["auth_info"]), text
         named = re.search(
             r"(?:The right department|The department you need next) is [^(]*\((\+[\d-]+)\)", text
         )
-        call = re.search(r" The call: (\{.*?\})\.$", text)
-        assert (call is None) == (named is None), text
-        if call is not None:
-            assert json.loads(call.group(1)) == {"phone_number": named.group(1)}
-            assert named.group(1) in {
-                world.departments[q.department_id].phone_number for q in task.requests
-            }
-            shown["call"] += 1
-    assert shown["form"] >= 20 and shown["call"] >= 5, shown
+        if named is not None:
+            assert named.group(1) in [c["phone_number"] for c in calls]
+            shown["named"] += 1
+        replay = [_search(world, task), _form(task.required_auth_fields)]
+        for c in calls:
+            auth = {f: user.values[f] for f in c["auth_info"]}
+            replay.append(Action("make_phone_call", {**c, "auth_info": auth}))
+        assert _run(env, task, replay).info["score"] == 1.0, text
+        shown["calls"] += 1
+    assert shown["form"] >= 60 and shown["calls"] >= 80 and shown["named"] >= 5, shown
 
 
 def test_reward_is_fast(world, env):

@@ -22,6 +22,7 @@ see nothing but the observations and the critique.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import re
 
@@ -207,6 +208,7 @@ class FeedbackHints:
     prerequisites: tuple[tuple[str, str], ...] = ()  # (department phone, its prerequisite's)
     right_department: str | None = None  # phone
     right_department_name: str | None = None  # as the critique names it, company first
+    calls: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (phone, auth fields), in order
 
     @classmethod
     def parse(cls, text: str) -> FeedbackHints:
@@ -224,6 +226,7 @@ class FeedbackHints:
         order = re.findall(_DEPT_PHONE + r" requires that you reach ([^.]*) first", text)
         right = re.search(r"The right department is ([^(]*) " + _DEPT_PHONE, text)
         return cls(
+            calls=_shown_calls(text),
             company=company.group(1) if company else None,
             needed_fields=tuple(fields(needed.group(1))) if needed else (),
             add_fields=tuple((phone, f) for phone, group in lacked for f in fields(group)),
@@ -236,6 +239,21 @@ class FeedbackHints:
             right_department=right.group(2) if right else None,
             right_department_name=right.group(1) if right else None,
         )
+
+
+def _shown_calls(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The first well-formed `The calls: [...]` list of a critique (ctu/world/feedback.py):
+    (phone, auth fields) per call, in order; () when there is none."""
+    for match in re.finditer(r"The calls: ", text):
+        try:
+            calls, _ = json.JSONDecoder().raw_decode(text, match.end())
+            return tuple(
+                (c["phone_number"], tuple(f for f in c["auth_info"] if f in data.AUTH_FIELDS))
+                for c in calls
+            )
+        except (ValueError, TypeError, KeyError):
+            continue  # cut short by the block's token budget, or not ours
+    return ()
 
 
 class Heuristic(Policy):
@@ -402,6 +420,11 @@ class Heuristic(Policy):
         for phone, field in hints.drop_fields:
             if phone in by_phone and field in self.guess[by_phone[phone]]:
                 self.guess[by_phone[phone]].remove(field)
+        shown = [(by_phone[phone], fields) for phone, fields in hints.calls if phone in by_phone]
+        if shown:  # the calls the critique shows, as it shows them, supersede the rest
+            self.plan = [name for name, _ in shown]
+            for name, fields in shown:
+                self.guess[name] = list(fields)
 
     def _learn_from_call(self, observation: str) -> None:
         name = self.plan[0]

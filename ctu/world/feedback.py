@@ -209,9 +209,28 @@ TEMPLATES = {
 
 
 # Failure types whose critique always lists the task's form fields (missing_auth does
-# when the form left some out), and those that name the department to dial next.
+# when the form left some out). The task's calls are shown after any failure the form or
+# a call could have caused: all but these.
 _FORM_KINDS = {"repeated_form", "over_collection"}
-_CALL_KINDS = {"wrong_department", "unknown_number"}
+_NOT_CALL_KINDS = {"success", "malformed_tool_call", "unknown_company", "no_final_report"}
+
+
+def task_calls(world: data.World, task: data.Task) -> list[dict]:
+    """The calls that solve `task`, in order: each department's number and the auth fields
+    it takes from this user (`data.auth_set_for`: the alternate set when the user lacks
+    the primary one), in form order."""
+    user = world.users[task.user_id]
+    calls = []
+    for request in task.requests:
+        department = world.departments[request.department_id]
+        fields = set(data.auth_set_for(department, user))
+        calls.append(
+            {
+                "phone_number": department.phone_number,
+                "auth_info": [f for f in data.AUTH_FIELDS if f in fields],
+            }
+        )
+    return calls
 
 
 def _arguments_to_copy(ctx: FeedbackContext, kinds) -> list[str]:
@@ -220,8 +239,10 @@ def _arguments_to_copy(ctx: FeedbackContext, kinds) -> list[str]:
     A critique that lists fields in prose ("name, phone") leaves the policy to rewrite
     the list as the form's JSON; a small policy copies JSON it has seen token for token
     far more often than it rewrites prose (docs/results.md section 2). The form's fields
-    are shown when the critique lists the task's fields, the next number when it names
-    the department to dial.
+    are shown when the critique lists the task's fields. The calls, each department's
+    number and the names of the fields it takes (never the user's values: those the
+    policy reads from the form's reply), are shown after a failure of the form or a
+    call, all of them in order, since a retry starts again from the search.
     """
     shown = []
     needed = set(ctx.task.required_auth_fields)
@@ -229,19 +250,18 @@ def _arguments_to_copy(ctx: FeedbackContext, kinds) -> list[str]:
     if form_kinds & set(kinds):
         fields = [f for f in data.AUTH_FIELDS if f in needed]
         shown.append(f"The form: {json.dumps({'fields': fields})}.")
-    pending = _pending(ctx)
-    if _CALL_KINDS & set(kinds) and pending:
-        number = ctx.world.departments[pending[0]].phone_number
-        shown.append(f"The call: {json.dumps({'phone_number': number})}.")
+    if set(kinds) - _NOT_CALL_KINDS:
+        shown.append(f"The calls: {json.dumps(task_calls(ctx.world, ctx.task))}.")
     return shown
 
 
 def rule_based_feedback(ctx: FeedbackContext) -> str:
-    """The main template, then one note per other penalty the episode incurred, then the
-    corrected arguments as JSON (`_arguments_to_copy`)."""
+    """The main template, the corrected arguments as JSON (`_arguments_to_copy`), then
+    one note per other penalty the episode incurred: a block too long for
+    `max_feedback_tokens` is cut from the end, so the notes go first."""
     kinds = [ctx.failure_type, *(k for k in ctx.penalties if k != ctx.failure_type)]
-    parts = [TEMPLATES[kinds[0]](ctx), *("Also: " + TEMPLATES[k](ctx) for k in kinds[1:])]
-    return " ".join(parts + _arguments_to_copy(ctx, kinds))
+    notes = ["Also: " + TEMPLATES[k](ctx) for k in kinds[1:]]
+    return " ".join([TEMPLATES[kinds[0]](ctx), *_arguments_to_copy(ctx, kinds), *notes])
 
 
 # ---- optional LLM enhancement ----------------------------------------------------------
