@@ -2,7 +2,8 @@
 
 Rule-based feedback is the default: one sentence per failure type that says
 what went wrong and what to do next, naming fields, departments, numbers and
-prerequisites, then one short note per other penalty. Failure-type strings are
+prerequisites, then the corrected form and calls as JSON, then one short note per
+other penalty (`rule_based_feedback`). Failure-type strings are
 the constants in ctu/world/reward.py (kept as literals here to avoid a cycle).
 
 `LLMFeedback` rewrites that text through an OpenAI-compatible
