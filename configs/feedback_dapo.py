@@ -116,6 +116,8 @@ def get_config(arg=None):
     # on 10% against 16% (docs/results.md section 2, first subsection). On, the longest
     # demonstrated turn is 128 tokens.
     config.warm_start.feedback_thoughts = False
+    # A call's thought ends with the fields it passes ("... Fields: name, phone.").
+    config.warm_start.call_fields_thoughts = False
 
     # Rollout
     config.rollout = ml_collections.ConfigDict()

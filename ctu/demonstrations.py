@@ -133,7 +133,11 @@ def heuristic_demonstrations(
             thoughts=config.thoughts,
         )
 
-    heuristic = agents.Recorder(agents.Heuristic(cite_feedback=config.feedback_thoughts))
+    heuristic = agents.Recorder(
+        agents.Heuristic(
+            cite_feedback=config.feedback_thoughts, call_fields=config.call_fields_thoughts
+        )
+    )
 
     demos = []
     for repeat in range(config.demos_per_task):

@@ -79,6 +79,10 @@ class WarmStartConfig:
     # thought, the right department it names and the task's fields it lists
     # (agents.Heuristic cite_feedback).
     feedback_thoughts: bool = False
+    # With thoughts, a call's thought ends with the auth fields it passes ("Call Fraud:
+    # +1-800-555-0100. Fields: name, phone."; agents.Heuristic call_fields): the fields a
+    # department takes are decided in words, next to its name, before the JSON.
+    call_fields_thoughts: bool = False
 
     def __post_init__(self):
         if self.num_tasks < 0:
@@ -98,11 +102,12 @@ class WarmStartConfig:
             )
         if self.warmup_steps < 0 or self.learning_rate <= 0:
             raise ValueError("warm_start.warmup_steps must be >= 0 and learning_rate > 0")
-        if self.feedback_thoughts and not self.thoughts:
-            raise ValueError(
-                "warm_start.feedback_thoughts cites critiques in the demonstrations' thoughts, "
-                "so it needs warm_start.thoughts=True (or set feedback_thoughts=False)"
-            )
+        for name in ("feedback_thoughts", "call_fields_thoughts"):
+            if getattr(self, name) and not self.thoughts:
+                raise ValueError(
+                    f"warm_start.{name} adds to the demonstrations' thoughts, so it needs "
+                    f"warm_start.thoughts=True (or set {name}=False)"
+                )
         for tool, weight in dict(self.turn_weights).items():
             if tool not in TURN_KINDS:
                 raise ValueError(

@@ -306,3 +306,28 @@ def test_heuristic_cites_what_the_critique_says_about_its_first_form():
                     cited["fields"] += 1
                 assert thought == before
     assert cited["fields"] >= 10 and cited["department"] >= 3, cited
+
+
+def test_heuristic_call_thoughts_name_the_fields_the_call_passes():
+    """With call_fields, a call's thought is the plain one followed by the auth fields the
+    call passes, in its order; every other thought and every action is unchanged. Cold
+    and reading critiques of the random policy's failures, on the validation tasks."""
+    world = toys.shipped_world()
+    tasks = world.split("val")
+    critiques = {r.task_id: r.feedback for r in _run(world, "random", tasks) if r.score < 1}
+    calls = 0
+    for task in tasks:
+        for critique in (None, critiques.get(task.task_id)):
+            plain, plain_thoughts = _play_thinking(world, task, agents.Heuristic(), critique)
+            actions, thoughts = _play_thinking(
+                world, task, agents.Heuristic(call_fields=True), critique
+            )
+            assert actions == plain
+            for action, thought, before in zip(actions, thoughts, plain_thoughts, strict=True):
+                if action.name != "make_phone_call":
+                    assert thought == before
+                    continue
+                fields = ", ".join(action.kwargs["auth_info"])
+                assert thought == f"{before} Fields: {fields}."
+                calls += 1
+    assert calls > 2 * len(tasks)

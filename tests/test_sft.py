@@ -245,6 +245,8 @@ def test_feedback_thoughts_need_thoughts():
     assert sft.WarmStartConfig(thoughts=True, feedback_thoughts=True).feedback_thoughts
     with pytest.raises(ValueError, match="feedback_thoughts.*needs warm_start.thoughts=True"):
         sft.WarmStartConfig(thoughts=False, feedback_thoughts=True)
+    with pytest.raises(ValueError, match="call_fields_thoughts.*needs warm_start.thoughts=True"):
+        sft.WarmStartConfig(thoughts=False, call_fields_thoughts=True)
 
 
 def test_sft_loss_adds_the_weighted_context_term():

@@ -272,12 +272,15 @@ class Heuristic(Policy):
     the critique's words: it opens with the right department when the critique names
     one in this directory ("Feedback: The right department is Acme Fraud.") and ends
     with the task's fields when it lists them ("Feedback: all needed fields (name,
-    phone)."), so the decision can be copied from a few tokens back.
+    phone)."), so the decision can be copied from a few tokens back. With `call_fields`,
+    a call's thought ends with the fields it passes ("Call Fraud: +1-800-555-0100.
+    Fields: name, phone.").
     """
 
-    def __init__(self, seed=0, cite_feedback: bool = False):
+    def __init__(self, seed=0, cite_feedback: bool = False, call_fields: bool = False):
         del seed  # deterministic: the same observations give the same actions
         self.cite_feedback = cite_feedback
+        self.call_fields = call_fields
 
     def reset(self, task_id: str, observation: str, feedback: str | None = None) -> None:
         del task_id  # the heuristic does not peek at the task
@@ -331,6 +334,8 @@ class Heuristic(Policy):
         self.thought = f"Call {name}: {self.departments[name][0]}."
         self.attempts[name] = self.attempts.get(name, 0) + 1
         auth = {f: self.values[f] for f in self.guess[name] if f in self.values}
+        if self.call_fields:
+            self.thought += f" Fields: {', '.join(auth)}."
         return Action(
             "make_phone_call", {"phone_number": self.departments[name][0], "auth_info": auth}
         )
