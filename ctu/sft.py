@@ -402,6 +402,7 @@ def warm_start(
         world_split_for_probe(world),
         seed=seed,
         thoughts=config.thoughts,
+        call_fields=config.call_fields_thoughts,
     )
     copying = {k: v for k, v in probe.items() if k.startswith("copy/")}
     kinds = sorted(k.split("/")[1] for k in copying if k.count("/") == 1)

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from ctu.analysis import copy_probe
@@ -147,3 +148,54 @@ def test_a_model_is_probed_without_baking_its_weights_into_the_program(world_and
     finally:
         jax.config.update("jax_captured_constants_warn_bytes", before)
     assert 0.0 <= scores["action/episode"] <= 1.0
+
+
+def test_probe_scores_the_thoughts_the_warm_start_was_trained_on(world_and_tokenizer):
+    """With call_fields, the probe's episodes are those of warm_start.call_fields_thoughts:
+    a model that writes the plain call thoughts gets no call right."""
+    world, tokenizer = world_and_tokenizer
+    from ctu import prompts
+    from ctu.demonstrations import record_episode
+    from ctu.world import agents
+    from ctu.world.env import Environment
+
+    tasks = world.split("val")[:2]
+    env = Environment(world, tasks, seed=0)
+    plain = [
+        record_episode(
+            env,
+            agents.Heuristic(seed=0),
+            t.task_id,
+            tokenizer,
+            system=prompts.system_prompt(),
+            thoughts=True,
+        )[0].tokens()
+        for t in tasks
+    ]
+
+    def next_plain_tokens(rows):  # each row's plain episode (longest shared prefix), shifted
+        out = np.zeros(rows.shape, np.int32)
+        for r, row in enumerate(np.asarray(rows).tolist()):
+            shared = [
+                next((i for i, (a, b) in enumerate(zip(p, row)) if a != b), len(p)) for p in plain
+            ]
+            episode = plain[int(np.argmax(shared))]
+            out[r, : len(episode) - 1] = episode[1:]
+        return out
+
+    def writes_plain_thoughts(tokens):
+        shape = jax.ShapeDtypeStruct(tokens.shape, jnp.int32)
+        nxt = jax.pure_callback(next_plain_tokens, shape, tokens)
+        return jax.nn.one_hot(nxt, len(tokenizer)) * 10.0
+
+    for call_fields, right in ((False, 1.0), (True, 0.0)):
+        probe = copy_probe.teacher_forced_probe(
+            writes_plain_thoughts,
+            tokenizer,
+            world,
+            "val",
+            num_tasks=2,
+            thoughts=True,
+            call_fields=call_fields,
+        )
+        assert probe["action/first_call"] == right

@@ -92,6 +92,7 @@ def teacher_forced_probe(
     num_tasks: int = 20,
     seed: int = 0,
     thoughts: bool = False,
+    call_fields: bool = False,
 ) -> dict[str, float]:
     """Teacher forcing on the heuristic's episodes of `split`: what the model's greedy
     next-token choice reproduces, given the true conversation so far.
@@ -103,7 +104,7 @@ def teacher_forced_probe(
     `respond`; `action/episode` the fraction of episodes right throughout. A kind with
     no example in the episodes is left out. With `thoughts` the episodes are
     demonstrations that reason first (`warm_start.thoughts`), and an action is right
-    only when its thought is too.
+    only when its thought is too; `call_fields` as `warm_start.call_fields_thoughts`.
     """
     tasks = world.split(split)[:num_tasks]
     if not tasks:
@@ -121,7 +122,7 @@ def teacher_forced_probe(
     hits: collections.Counter = collections.Counter()
     totals: collections.Counter = collections.Counter()
     for task in tasks:
-        policy = agents.Recorder(agents.Heuristic(seed=seed))
+        policy = agents.Recorder(agents.Heuristic(seed=seed, call_fields=call_fields))
         builder, _ = record_episode(
             env, policy, task.task_id, tokenizer, system=prompts.system_prompt(), thoughts=thoughts
         )
