@@ -177,7 +177,8 @@ def test_probe_scores_the_thoughts_the_warm_start_was_trained_on(world_and_token
         out = np.zeros(rows.shape, np.int32)
         for r, row in enumerate(np.asarray(rows).tolist()):
             shared = [
-                next((i for i, (a, b) in enumerate(zip(p, row)) if a != b), len(p)) for p in plain
+                next((i for i, (a, b) in enumerate(zip(p, row, strict=False)) if a != b), len(p))
+                for p in plain
             ]
             episode = plain[int(np.argmax(shared))]
             out[r, : len(episode) - 1] = episode[1:]
