@@ -94,7 +94,7 @@ def get_config(arg=None):
     # copy+recall: half the rows each (ctu.analysis.induction). With copy+recall the
     # warm start copies the right phone number more often (56-63% against 49-51%) and
     # succeeds on 14/16/22% of validation tasks against 8/10/4% (docs/results.md
-    # section 2, third subsection); the same time.
+    # section 2, fourth subsection); the same time.
     config.warm_start.induction_task = "copy+recall"
     # Loss weight of the demonstrated turns by the tool they call (respond: a message to
     # the user), within a weighted token mean.
@@ -105,7 +105,7 @@ def get_config(arg=None):
     # drops: the user's requests and the department that handles each before the
     # first form, the department and its number before a call (agents.Heuristic). The
     # form then follows from words a few tokens back, not from the request 400 tokens
-    # earlier (docs/results.md section 2, fourth subsection).
+    # earlier (docs/results.md section 2, fifth subsection).
     config.warm_start.thoughts = True
     # A demonstration that reads a critique cites it in its first form's thought, in the
     # critique's words: the right department when it names one, the task's fields when
@@ -113,7 +113,7 @@ def get_config(arg=None):
     # cite_feedback). Off: with critiques that show the form's JSON the retries copy the
     # form without it, and on three seeds the warm starts succeeded on 10 / 10 / 24% of
     # validation tasks with it against 16 / 12 / 34% without, and their guided rollouts
-    # on 10% against 16% (docs/results.md section 2, first subsection). On, the longest
+    # on 10% against 16% (docs/results.md section 2, second subsection). On, the longest
     # demonstrated turn is 128 tokens.
     config.warm_start.feedback_thoughts = False
     # A call's thought ends with the fields it passes ("... Fields: name, phone.").
