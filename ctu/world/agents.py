@@ -226,7 +226,6 @@ class FeedbackHints:
         order = re.findall(_DEPT_PHONE + r" requires that you reach ([^.]*) first", text)
         right = re.search(r"The right department is ([^(]*) " + _DEPT_PHONE, text)
         return cls(
-            calls=_shown_calls(text),
             company=company.group(1) if company else None,
             needed_fields=tuple(fields(needed.group(1))) if needed else (),
             add_fields=tuple((phone, f) for phone, group in lacked for f in fields(group)),
@@ -238,6 +237,7 @@ class FeedbackHints:
             ),
             right_department=right.group(2) if right else None,
             right_department_name=right.group(1) if right else None,
+            calls=_shown_calls(text),
         )
 
 
