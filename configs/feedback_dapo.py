@@ -166,6 +166,9 @@ def get_config(arg=None):
     config.algorithm.dual_clip = 0.0  # 0 turns dual-clip off; else c > 1
     config.algorithm.kl_coef = 0.0
     config.algorithm.advantage = "grpo"  # grpo (mean/std) | dr_grpo (mean only) | rloo
+    # What the learner maximises: the reward function's partial-credit score (SPEC), or
+    # success alone (1 for a completed task, else 0).
+    config.algorithm.reward = "score"  # score | success
     # The distribution the learner trains. full: the whole softmax, as verl and TRL do.
     # sampled: the one the rollouts were drawn from (rollout.top_k / top_p), each
     # token's support fixed at the update's start. Trained on the whole softmax, tokens

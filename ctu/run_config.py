@@ -22,6 +22,9 @@ from ctu.world import data
 
 ENGINES = ("jax", "vllm")
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+# What the learner maximises: the reward function's partial-credit score, or task
+# success alone (1 when the score is 1.0, else 0).
+REWARDS = ("score", "success")
 LEARNER_SUPPORTS = ("full", "sampled")
 
 
@@ -62,8 +65,11 @@ class AlgorithmSettings:
     overlong_cache_length: int
     mask_truncated: bool
     feedback: FeedbackGuidanceConfig
+    reward: str = "score"
 
     def __post_init__(self):
+        if self.reward not in REWARDS:
+            raise ValueError(f"algorithm.reward={self.reward!r}: choose one of {REWARDS}.")
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"algorithm.advantage={self.advantage!r}: choose one of {ADVANTAGES}.")
         if self.max_rounds < 1:
@@ -223,6 +229,7 @@ def settings_from_config(config) -> RunSettings:
             overlong_cache_length=alg.overlong.cache_length,
             mask_truncated=alg.overlong.mask_truncated,
             feedback=feedback,
+            reward=alg.get("reward", "score"),  # absent from older runs' config.json
         ),
         train=train,
         checkpoint=CheckpointConfig(max_to_keep=config.max_to_keep, save_interval_steps=1),

@@ -9,6 +9,7 @@ metrics, evaluation, checkpoint). Rerunning it on the same workdir resumes.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -36,7 +37,7 @@ from ctu.rollout.vllm_engine import VllmEngine
 from ctu.run_config import RunSettings, settings_from_config
 from ctu.text.chat_template import END_OF_TURN
 from ctu.text.tokenizer import load_tokenizer, make_world_tokenizer
-from ctu.world import data, tools
+from ctu.world import data, reward, tools
 
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoints"
@@ -220,7 +221,8 @@ def _parse_failure_rate(records) -> float:
 
 
 def rollout_metrics(groups, group_size: int) -> dict[str, float]:
-    """Batch reward metrics, success by rollout position, parse failures."""
+    """Batch reward metrics, success by rollout position, parse failures, and the share
+    of rollouts ending in each failure type (`failure/missing_auth`, ...)."""
     records = [r for g in groups for r in g]
     out = {
         "reward/mean": float(np.mean([r.reward for r in records])),
@@ -230,6 +232,9 @@ def rollout_metrics(groups, group_size: int) -> dict[str, float]:
         "episode/sampled_tokens": float(np.mean([r.num_sampled_tokens for r in records])),
         "episode/truncated": float(np.mean([r.truncated for r in records])),
     }
+    for kind, count in collections.Counter(r.failure_type for r in records).items():
+        if kind != reward.SUCCESS:
+            out[f"failure/{kind}"] = count / len(records)
     for k in range(1, group_size + 1):
         at_k = [r.success for r in records if r.rollout == k]
         if at_k:
@@ -345,7 +350,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 sampler,
                 target_groups=settings.rollout.tasks_per_step,
                 max_rounds=settings.algorithm.max_rounds,
-                rewards_of=lambda g: [r.reward for r in g],
+                rewards_of=lambda g: batching.trained_rewards(g, reward=settings.algorithm.reward),
             )
             if not groups:  # every group was constant: train on the last round's anyway
                 groups = sampler.results[-1].groups

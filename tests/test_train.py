@@ -173,12 +173,13 @@ def test_task_stream_resumes_where_it_stopped_and_covers_each_epoch():
 
 
 def test_rollout_metrics_split_first_tries_from_guided_rollouts():
-    def episode(rollout, guided, success, failures, turns):
+    def episode(rollout, guided, success, failures, turns, failure_type="missing_auth"):
         return types.SimpleNamespace(
             rollout=rollout,
             guided=guided,
             success=success,
             reward=float(success),
+            failure_type="success" if success else failure_type,
             num_parse_failures=failures,
             num_turns=turns,
             num_sampled_tokens=10,
@@ -187,9 +188,12 @@ def test_rollout_metrics_split_first_tries_from_guided_rollouts():
 
     groups = [
         [episode(1, False, 1, 0, 4), episode(2, True, 0, 3, 3), episode(3, True, 1, 1, 5)],
-        [episode(1, False, 0, 2, 2), episode(2, True, 0, 2, 2), episode(3, True, 0, 0, 4)],
+        [episode(1, False, 0, 2, 2), episode(2, True, 0, 2, 2, "over_collection")]
+        + [episode(3, True, 0, 0, 4)],
     ]
     out = train.rollout_metrics(groups, group_size=3)
+    failures = {k: v for k, v in out.items() if k.startswith("failure/")}
+    assert failures == {"failure/missing_auth": 3 / 6, "failure/over_collection": 1 / 6}
     assert out["parse_failure_rate"] == pytest.approx(8 / 20)
     assert out["parse_failure_rate/first_try"] == pytest.approx(2 / 6)
     assert out["parse_failure_rate/with_feedback"] == pytest.approx(6 / 14)
@@ -213,6 +217,10 @@ class FakeRecord:
     reward: float
     guided: bool
     truncated: bool = False
+
+    @property
+    def success(self):
+        return self.reward >= 1.0
 
     @property
     def num_sampled_tokens(self):
@@ -265,6 +273,19 @@ def test_build_batch_rows_advantages_and_context(context):
         np.testing.assert_array_equal(batch.guided[:6], [0, 1, 1, 0, 1, 1])
     else:
         assert batch.guided is None
+
+
+def test_reward_success_trains_on_task_success_alone():
+    rng = np.random.default_rng(2)
+    scores = [[1.0, 0.0, 0.5, 1.0], [0.2, 0.2, 0.8, 0.5]]
+    groups = [[_record(rng, r, guided=False) for r in group] for group in scores]
+    settings = dataclasses.replace(_settings(), reward="success")
+    assert batching.shaped_rewards(groups, settings=settings).tolist() == [[1, 0, 0, 1], [0] * 4]
+    batch, _ = batching.build_batch(groups, settings=settings, rows_multiple=1, pad_id=0)
+    np.testing.assert_allclose(batch.advantages, [1, -1, -1, 1, 0, 0, 0, 0], atol=1e-5)
+    # The score: the second group's partial credit carries signal.
+    scored, _ = batching.build_batch(groups, settings=_settings(), rows_multiple=1, pad_id=0)
+    assert np.all(scored.advantages[4:6] < 0) and np.all(scored.advantages[6:] > 0)
 
 
 def test_overlong_penalty_and_truncation_mask_enter_the_batch():

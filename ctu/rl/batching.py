@@ -1,6 +1,6 @@
 """From groups of finished rollouts to the learner's `RolloutBatch`.
 
-Per rollout: reward (plus DAPO's overlong penalty on the tokens it generated),
+Per rollout: reward (the score or success alone, plus DAPO's overlong penalty on the tokens it generated),
 a group-relative advantage, and the token ids it is trained on — the ids it was
 sampled with (`augmented`), or for a feedback-guided rollout with
 `training_context="original"` the same continuation under the plain prompt,
@@ -23,9 +23,17 @@ from ctu.rl.train_step import RolloutBatch
 LENGTH_BUCKET = 128
 
 
+def trained_rewards(group: Sequence, *, reward: str) -> list[float]:
+    """The reward the learner maximises for each rollout of `group`: the partial-credit
+    score (`reward="score"`), or 1.0 for a completed task and 0.0 otherwise."""
+    if reward == "success":
+        return [float(r.success) for r in group]
+    return [r.reward for r in group]
+
+
 def shaped_rewards(groups: Sequence[Sequence], *, settings) -> np.ndarray:
-    """`[G, n]` rewards, with the overlong penalty added when enabled."""
-    rewards = np.array([[r.reward for r in g] for g in groups], np.float32)
+    """`[G, n]` trained rewards, with the overlong penalty added when enabled."""
+    rewards = np.array([trained_rewards(g, reward=settings.reward) for g in groups], np.float32)
     if settings.overlong:
         lengths = np.array([[r.num_sampled_tokens for r in g] for g in groups], np.float32)
         penalty = shaping.overlong_penalty(
