@@ -1,0 +1,209 @@
+"""How much of an RL update's gradient is signal: the gradient noise scale at a policy.
+
+An update's gradient averages the gradients of its groups (DAPO's token mean weighs each
+group by its tokens; here each group counts once). From N independent groups' gradients
+g_i, the unbiased estimates of the simple noise scale (McCandlish et al., 2018, "An
+Empirical Model of Large-Batch Training") are
+
+    tr(Sigma) = sum_i |g_i - mean|^2 / (N - 1)   the spread of one group's gradient
+    |G|^2     = |mean|^2 - tr(Sigma) / N         the true gradient's squared norm
+    B_noise   = tr(Sigma) / |G|^2                groups per update at which the
+                                                 gradient's noise equals its signal.
+
+A gradient over B groups has squared norm |G|^2 + tr(Sigma) / B in expectation, so its
+cosine with the true gradient is about 1 / sqrt(1 + B_noise / B), and two such gradients
+from disjoint groups have a cosine of about 1 / (1 + B_noise / B) with each other;
+an SGD step at its best learning rate gains 1 / (1 + B_noise / B) of what a noise-free
+step would. `measure` samples groups with the run's own rollout settings, keeps those
+whose rewards differ (as dynamic sampling does; the others have no gradient), and
+reports these quantities with a jackknife interval over groups.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ctu import train
+from ctu.analysis import policy_loading
+from ctu.models import from_hf
+from ctu.models.shared_prefix import common_prefix_length
+from ctu.rl import batching, train_step
+from ctu.rl.dynamic_sampling import has_signal
+from ctu.sft import WARM_START_DIR
+
+
+def noise_scale(grads: np.ndarray) -> dict[str, float]:
+    """Unbiased |G|^2 and tr(Sigma) from `[N, P]` independent per-unit gradients, and
+    B_noise = tr(Sigma) / |G|^2 (inf when the signal estimate is not positive)."""
+    grads = np.asarray(grads, np.float64)
+    n = grads.shape[0]
+    if n < 2:
+        raise ValueError(f"the noise scale needs at least 2 gradients, got {n}")
+    mean = grads.mean(axis=0)
+    trace = float(np.sum((grads - mean) ** 2) / (n - 1))
+    signal = float(mean @ mean - trace / n)
+    return {
+        "signal_sq_norm": signal,
+        "noise_trace": trace,
+        "b_noise": trace / signal if signal > 0 else float("inf"),
+    }
+
+
+def jackknife_b_noise(grads: np.ndarray, *, z: float = 1.645) -> list[float]:
+    """An interval of B_noise (90% by default): a normal interval rho_hat +- z * se for
+    rho = |G|^2 / tr(Sigma), with the jackknife's standard error, inverted (inf where
+    rho may be 0 or below).
+
+    Not a bootstrap: a resample repeats gradients, which adds about tr(Sigma) / N to its
+    |mean|^2, far more than |G|^2 itself when noise dominates, so resampled estimates
+    sit nowhere near the estimate they should spread around. Leaving one out keeps
+    every estimate unbiased.
+    """
+    grads = np.asarray(grads, np.float64)
+    n = grads.shape[0]
+    if n < 3:
+        raise ValueError(f"the jackknife needs at least 3 gradients, got {n}")
+    gram = grads @ grads.T  # every statistic below is a function of the Gram matrix
+
+    def rho(g):
+        m = len(g)
+        mean_sq = g.sum() / m**2
+        trace = (np.trace(g) - m * mean_sq) / (m - 1)
+        return (mean_sq - trace / m) / trace
+
+    estimate = rho(gram)
+    keep = ~np.eye(n, dtype=bool)
+    leave_one_out = np.array([rho(gram[np.ix_(keep[i], keep[i])]) for i in range(n)])
+    se = np.sqrt((n - 1) / n * np.sum((leave_one_out - leave_one_out.mean()) ** 2))
+    rho_low, rho_high = estimate - z * se, estimate + z * se
+    return [
+        1 / rho_high if rho_high > 0 else float("inf"),
+        1 / rho_low if rho_low > 0 else float("inf"),
+    ]
+
+
+def disjoint_batch_cosines(grads: np.ndarray, batch: int) -> list[float]:
+    """Cosines between the mean gradients of disjoint batches of `batch` consecutive
+    units: a direct reading of how much two updates agree."""
+    grads = np.asarray(grads, np.float64)
+    means = [grads[i : i + batch].mean(0) for i in range(0, len(grads) - batch + 1, batch)]
+    out = []
+    for i in range(len(means)):
+        for j in range(i + 1, len(means)):
+            a, b = means[i], means[j]
+            out.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)))
+    return out
+
+
+def group_gradient_fn(learner: train_step.Learner, settings, pad_id: int) -> Callable:
+    """group (a list of rollout records) -> the flat gradient of its DAPO loss, computed
+    as the learner's update computes it (the behaviour log-probs recomputed first)."""
+    config = learner.config
+
+    @nnx.jit(static_argnums=2)
+    def flat(model, batch, prefix_len):
+        grads, _ = train_step.mini_batch_gradients(model, batch, config, prefix_len)
+        return jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])
+
+    def gradient(group) -> np.ndarray:
+        batch, _ = batching.build_batch(
+            [group],
+            settings=settings.algorithm,
+            rows_multiple=1,
+            pad_id=pad_id,
+            length_multiple=settings.train.length_bucket,
+        )
+        prefix_len = common_prefix_length(batch.tokens, batch.mask)
+        prepared = learner.prepare(learner.shard_batch(batch), prefix_len)
+        with jax.set_mesh(learner.mesh):
+            return np.asarray(flat(learner.model, prepared, prefix_len))
+
+    return gradient
+
+
+def load_run_policy(s: train.Setup, step: int | None):
+    """The run's warm start (`step=None`) or its checkpoint at `step`."""
+    workdir, model_settings = s.workdir, s.settings.model
+    if step is None:
+        path = os.path.join(workdir, WARM_START_DIR)
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise FileNotFoundError(
+                f"no warm start at {path}; run `python -m launch.sft` or `launch.train` on "
+                f"{workdir} first, or pass --step for a checkpoint"
+            )
+        dtypes = {"dtype": model_settings["dtype"], "param_dtype": model_settings["param_dtype"]}
+        model, _ = from_hf(path, mesh=s.mesh, **dtypes)
+        return model
+    directory = os.path.join(os.path.abspath(workdir), train.CHECKPOINT_DIR)
+    steps = policy_loading.checkpoint_steps(workdir)
+    if step not in steps:
+        raise FileNotFoundError(
+            f"{workdir} has no checkpoint for step {step}; available: {steps or 'none'} "
+            "(leave --step out for the warm start)"
+        )
+    return policy_loading.restore_model(directory, s.model_config, s.mesh, step)
+
+
+def measure(
+    workdir: str, *, step: int | None = None, num_groups: int = 32, seed: int = 0, log=print
+) -> dict:
+    """The noise scale of the run's RL gradient at its warm start or a checkpoint, from
+    `num_groups` groups with reward signal on train tasks (sampled as the run samples)."""
+    config = policy_loading.read_run_config(workdir)
+    s = train.setup(config, workdir)
+    settings = s.settings
+    model = load_run_policy(s, step)
+    learner = train_step.Learner(settings.train, model, s.mesh)
+    engine, _ = train.rollout_engines(s, learner.model)
+    train_ids = [t.task_id for t in s.world.split("train")]
+    stream = train.task_stream(train_ids, settings.seed + 1000 + seed, 0)
+    sampler = train.GroupSampler(
+        s, engine, stream, jax.random.key(seed), seed=settings.seed + 1000 + seed
+    )
+    per_round = settings.rollout.tasks_per_step
+    kept, sampled = [], []
+    while len(kept) < num_groups:
+        groups = sampler(per_round)
+        sampled += groups
+        kept += [
+            g
+            for g in groups
+            if has_signal(batching.trained_rewards(g, reward=settings.algorithm.reward))
+        ]
+        log(f"groups sampled {len(sampled)}, with signal {len(kept)}")
+        if len(sampled) >= 4 * num_groups and len(kept) < 2:
+            raise RuntimeError(
+                f"only {len(kept)} of {len(sampled)} groups had rewards that differ: the "
+                "policy fails (or succeeds) every rollout, so there is no gradient to measure"
+            )
+    kept = kept[:num_groups]
+    gradient = group_gradient_fn(learner, settings, s.tokenizer.pad_token_id)
+    grads = np.stack([gradient(g) for g in kept])
+    scale = noise_scale(grads)
+    b = per_round
+    records = [r for g in sampled for r in g]
+    b_noise = scale["b_noise"]
+    return {
+        "workdir": workdir,
+        "policy": "warm_start" if step is None else f"checkpoint {step}",
+        "groups_sampled": len(sampled),
+        "groups_with_signal": len(kept),
+        "success_rate": float(np.mean([r.success for r in records])),
+        "reward_mean": float(np.mean([r.reward for r in records])),
+        "num_params": int(grads.shape[1]),
+        "group_grad_norm_mean": float(np.linalg.norm(grads, axis=1).mean()),
+        **scale,
+        "b_noise_interval_90": jackknife_b_noise(grads),
+        "groups_per_update": b,
+        "expected_cosine_to_true_gradient": float(1 / np.sqrt(1 + b_noise / b)),
+        "expected_cosine_between_updates": float(1 / (1 + b_noise / b)),
+        "disjoint_update_cosines": disjoint_batch_cosines(grads, b),
+        # What the run's updates add up to, in noise-free SGD steps at the best step size.
+        "run_noise_free_steps": float(settings.total_steps * b / (b + b_noise)),
+    }

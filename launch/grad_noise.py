@@ -1,0 +1,50 @@
+r"""The gradient noise scale of a run's RL update at its warm start or a checkpoint.
+
+    python -m launch.grad_noise --workdir=runs/feedback_dapo               # warm start
+    python -m launch.grad_noise --workdir=runs/feedback_dapo --step=12 --groups=32
+
+Samples train-task groups with the run's own settings (its config.json), computes each
+group's DAPO gradient as the update does, and writes (atomically, to --out, default
+WORKDIR/grad_noise_{warm_start|STEP}.json) the simple noise scale B_noise in groups
+with a jackknife interval, the expected agreement of two updates of
+rollout.tasks_per_step groups, and the cosines measured between disjoint ones
+(ctu/analysis/grad_noise.py). An analysis, not a benchmark: no timing.
+"""
+
+import json
+import os
+
+from absl import app, flags, logging
+
+from ctu.analysis import grad_noise
+from ctu.world.evaluation import write_json_atomic
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A launch.train run's workdir.", required=True)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the warm start).")
+_GROUPS = flags.DEFINE_integer("groups", 32, "Groups with reward signal to measure over.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampled groups.")
+_OUT = flags.DEFINE_string("out", None, "Where to write the JSON.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _GROUPS.value < 2:
+        raise app.UsageError(f"--groups={_GROUPS.value}: need at least 2 to estimate a spread")
+    result = grad_noise.measure(
+        _WORKDIR.value,
+        step=_STEP.value,
+        num_groups=_GROUPS.value,
+        seed=_SEED.value,
+        log=logging.info,
+    )
+    name = "warm_start" if _STEP.value is None else str(_STEP.value)
+    out = _OUT.value or os.path.join(_WORKDIR.value, f"grad_noise_{name}.json")
+    write_json_atomic(out, result)
+    summary = {k: v for k, v in result.items() if k != "disjoint_update_cosines"}
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
