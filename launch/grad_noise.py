@@ -13,6 +13,7 @@ rollout.tasks_per_step groups, and the cosines measured between disjoint ones
 
 import json
 import os
+import sys
 
 from absl import app, flags, logging
 
@@ -31,13 +32,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _GROUPS.value < 2:
         raise app.UsageError(f"--groups={_GROUPS.value}: need at least 2 to estimate a spread")
-    result = grad_noise.measure(
-        _WORKDIR.value,
-        step=_STEP.value,
-        num_groups=_GROUPS.value,
-        seed=_SEED.value,
-        log=logging.info,
-    )
+    try:
+        result = grad_noise.measure(
+            _WORKDIR.value,
+            step=_STEP.value,
+            num_groups=_GROUPS.value,
+            seed=_SEED.value,
+            log=logging.info,
+        )
+    except (FileNotFoundError, RuntimeError, ValueError) as error:  # PolicySpecError too
+        sys.exit(f"launch.grad_noise: {error}")
     name = "warm_start" if _STEP.value is None else str(_STEP.value)
     out = _OUT.value or os.path.join(_WORKDIR.value, f"grad_noise_{name}.json")
     write_json_atomic(out, result)

@@ -37,6 +37,10 @@ from ctu.rl import batching, train_step
 from ctu.rl.dynamic_sampling import has_signal
 from ctu.sft import WARM_START_DIR
 
+# Every group's gradient is held in host memory (float32) until the end; above this the
+# measurement refuses to start rather than swap. A 0.6B model allows ~6 groups.
+MAX_GRADIENT_BYTES = 16 * 2**30
+
 
 def noise_scale(grads: np.ndarray) -> dict[str, float]:
     """Unbiased |G|^2 and tr(Sigma) from `[N, P]` independent per-unit gradients, and
@@ -158,6 +162,13 @@ def measure(
     config = policy_loading.read_run_config(workdir)
     s = train.setup(config, workdir)
     settings = s.settings
+    gradient_bytes = num_groups * s.model_config.num_params() * 4
+    if gradient_bytes > MAX_GRADIENT_BYTES:
+        raise ValueError(
+            f"{num_groups} groups' gradients of {s.model_config.num_params():,} parameters "
+            f"take {gradient_bytes / 2**30:.0f} GiB of memory (the limit is "
+            f"{MAX_GRADIENT_BYTES / 2**30:.0f} GiB); measure fewer groups"
+        )
     model = load_run_policy(s, step)
     learner = train_step.Learner(settings.train, model, s.mesh)
     engine, _ = train.rollout_engines(s, learner.model)
@@ -168,7 +179,7 @@ def measure(
     )
     per_round = settings.rollout.tasks_per_step
     kept, sampled = [], []
-    while len(kept) < num_groups:
+    while len(kept) < num_groups and len(sampled) < 8 * num_groups:
         groups = sampler(per_round)
         sampled += groups
         kept += [
@@ -177,11 +188,13 @@ def measure(
             if has_signal(batching.trained_rewards(g, reward=settings.algorithm.reward))
         ]
         log(f"groups sampled {len(sampled)}, with signal {len(kept)}")
-        if len(sampled) >= 4 * num_groups and len(kept) < 2:
-            raise RuntimeError(
-                f"only {len(kept)} of {len(sampled)} groups had rewards that differ: the "
-                "policy fails (or succeeds) every rollout, so there is no gradient to measure"
-            )
+    if len(kept) < 3:
+        raise RuntimeError(
+            f"only {len(kept)} of {len(sampled)} groups had rewards that differ: the policy "
+            "fails (or succeeds) on nearly every rollout, so there is no gradient to measure"
+        )
+    if len(kept) < num_groups:
+        log(f"measuring {len(kept)} groups with signal, of {len(sampled)} sampled")
     kept = kept[:num_groups]
     gradient = group_gradient_fn(learner, settings, s.tokenizer.pad_token_id)
     grads = np.stack([gradient(g) for g in kept])
