@@ -10,10 +10,10 @@ Variants (comma separated after a colon):
 Any key below can be overridden with --config.KEY=VALUE, e.g.
 --config.algorithm.feedback_guidance.mix=0.5.
 
-Sized for the 20-minute budget on 2 CPU cores: 16 min 30 s measured on seed 0, idle
-machine (tokenizer and demonstrations 11 s, copy-and-recall task and 1,000-step warm
-start 11 min 48 s, probe 10 s, then 12 RL steps with 4 evaluations, 4 min 17 s); 16 min
-23 s in the previous session; docs/results.md has the runs.
+Sized for the 20-minute budget on 2 CPU cores: 14 min 35 s measured on seed 0, idle
+machine (tokenizer and demonstrations 11 s, copy-and-recall task, 1,000-step warm start
+and probe 10 min 52 s, then 12 RL steps with 4 evaluations, 3 min 32 s); docs/results.md
+has the runs.
 """
 
 import ml_collections
