@@ -42,16 +42,21 @@ from ctu.sft import WARM_START_DIR
 MAX_GRADIENT_BYTES = 16 * 2**30
 
 
+def _signal_and_trace(gram: np.ndarray) -> tuple[float, float]:
+    """Unbiased |G|^2 and tr(Sigma) from the Gram matrix of N per-unit gradients."""
+    n = len(gram)
+    mean_sq = gram.sum() / n**2  # |mean|^2
+    trace = (np.trace(gram) - n * mean_sq) / (n - 1)  # sum |g_i - mean|^2 / (n - 1)
+    return float(mean_sq - trace / n), float(trace)
+
+
 def noise_scale(grads: np.ndarray) -> dict[str, float]:
     """Unbiased |G|^2 and tr(Sigma) from `[N, P]` independent per-unit gradients, and
     B_noise = tr(Sigma) / |G|^2 (inf when the signal estimate is not positive)."""
     grads = np.asarray(grads, np.float64)
-    n = grads.shape[0]
-    if n < 2:
-        raise ValueError(f"the noise scale needs at least 2 gradients, got {n}")
-    mean = grads.mean(axis=0)
-    trace = float(np.sum((grads - mean) ** 2) / (n - 1))
-    signal = float(mean @ mean - trace / n)
+    if grads.shape[0] < 2:
+        raise ValueError(f"the noise scale needs at least 2 gradients, got {grads.shape[0]}")
+    signal, trace = _signal_and_trace(grads @ grads.T)
     return {
         "signal_sq_norm": signal,
         "noise_trace": trace,
@@ -76,10 +81,8 @@ def jackknife_b_noise(grads: np.ndarray, *, z: float = 1.645) -> list[float]:
     gram = grads @ grads.T  # every statistic below is a function of the Gram matrix
 
     def rho(g):
-        m = len(g)
-        mean_sq = g.sum() / m**2
-        trace = (np.trace(g) - m * mean_sq) / (m - 1)
-        return (mean_sq - trace / m) / trace
+        signal, trace = _signal_and_trace(g)
+        return signal / trace
 
     estimate = rho(gram)
     keep = ~np.eye(n, dtype=bool)
@@ -87,8 +90,8 @@ def jackknife_b_noise(grads: np.ndarray, *, z: float = 1.645) -> list[float]:
     se = np.sqrt((n - 1) / n * np.sum((leave_one_out - leave_one_out.mean()) ** 2))
     rho_low, rho_high = estimate - z * se, estimate + z * se
     return [
-        1 / rho_high if rho_high > 0 else float("inf"),
-        1 / rho_low if rho_low > 0 else float("inf"),
+        float(1 / rho_high) if rho_high > 0 else float("inf"),
+        float(1 / rho_low) if rho_low > 0 else float("inf"),
     ]
 
 
@@ -173,10 +176,9 @@ def measure(
     learner = train_step.Learner(settings.train, model, s.mesh)
     engine, _ = train.rollout_engines(s, learner.model)
     train_ids = [t.task_id for t in s.world.split("train")]
-    stream = train.task_stream(train_ids, settings.seed + 1000 + seed, 0)
-    sampler = train.GroupSampler(
-        s, engine, stream, jax.random.key(seed), seed=settings.seed + 1000 + seed
-    )
+    sample_seed = settings.seed + 1000 + seed  # a task order and rollouts not the run's
+    stream = train.task_stream(train_ids, sample_seed, 0)
+    sampler = train.GroupSampler(s, engine, stream, jax.random.key(seed), seed=sample_seed)
     per_round = settings.rollout.tasks_per_step
     kept, sampled = [], []
     while len(kept) < num_groups and len(sampled) < 8 * num_groups:
