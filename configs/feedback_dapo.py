@@ -172,6 +172,12 @@ def get_config(arg=None):
     # success with success alone, 12.7 +- 2.3% with the score (docs/results.md section
     # 2, first subsection).
     config.algorithm.reward = "score"  # score | success
+    # Per-rollout or per-turn advantages. episode: every token of a rollout carries its
+    # rollout's advantage. progress: a turn's tokens carry the return still to come when
+    # the turn began (the reward less the score so far), against the group's at the
+    # same turn: the same expected gradient, less noise (ctu/rl/credit.py; needs
+    # reward=score).
+    config.algorithm.credit = "episode"  # episode | progress
     # The distribution the learner trains. full: the whole softmax, as verl and TRL do.
     # sampled: the one the rollouts were drawn from (rollout.top_k / top_p), each
     # token's support fixed at the update's start. Trained on the whole softmax, tokens

@@ -12,6 +12,7 @@ from typing import Any
 from ctu.backend import BACKENDS
 from ctu.feedback_guidance import FeedbackGuidanceConfig
 from ctu.rl.checkpoint import CheckpointConfig
+from ctu.rl.credit import CREDITS
 from ctu.rl.optim import OptimConfig
 from ctu.rl.train_step import TrainConfig
 from ctu.rollout.groups import GroupSettings
@@ -66,10 +67,19 @@ class AlgorithmSettings:
     mask_truncated: bool
     feedback: FeedbackGuidanceConfig
     reward: str = "score"
+    credit: str = "episode"  # episode | progress (ctu.rl.credit)
 
     def __post_init__(self):
         if self.reward not in REWARDS:
             raise ValueError(f"algorithm.reward={self.reward!r}: choose one of {REWARDS}.")
+        if self.credit not in CREDITS:
+            raise ValueError(f"algorithm.credit={self.credit!r}: choose one of {CREDITS}.")
+        if self.credit == "progress" and self.reward != "score":
+            raise ValueError(
+                "algorithm.credit=progress measures each turn against the partial-credit "
+                f"score it started from; with algorithm.reward={self.reward!r} there is none. "
+                "Use algorithm.reward=score or algorithm.credit=episode."
+            )
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"algorithm.advantage={self.advantage!r}: choose one of {ADVANTAGES}.")
         if self.max_rounds < 1:
@@ -230,6 +240,7 @@ def settings_from_config(config) -> RunSettings:
             mask_truncated=alg.overlong.mask_truncated,
             feedback=feedback,
             reward=alg.get("reward", "score"),  # absent from older runs' config.json
+            credit=alg.get("credit", "episode"),
         ),
         train=train,
         checkpoint=CheckpointConfig(max_to_keep=config.max_to_keep, save_interval_steps=1),

@@ -110,3 +110,21 @@ def test_group_gradients_average_to_the_update_gradient():
     np.testing.assert_allclose(per_group.mean(0), flat, rtol=1e-4, atol=1e-6)
     # A group whose rewards are all equal has no advantage, so no gradient.
     assert not np.any(gradient(_group(rng, [0.5] * 4)))
+
+
+def test_overrides_change_existing_settings_and_refuse_the_rest():
+    config = feedback_dapo.get_config()
+    grad_noise.override_config(
+        config, ["algorithm.credit=progress", "rollout.group_size=16", "optimizer.learning_rate=1"]
+    )
+    assert config.algorithm.credit == "progress" and config.rollout.group_size == 16
+    assert config.optimizer.learning_rate == 1.0  # an int where a float is expected
+    assert run_config.settings_from_config(config).algorithm.credit == "progress"
+    for item, match in [
+        ("algorithm.credits=progress", "no key 'algorithm.credits'"),
+        ("rollout.group_size.x=1", "no key"),
+        ("rollout.group_size=eight", "override 'rollout.group_size=eight'"),
+        ("algorithm.credit", "write KEY=VALUE"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            grad_noise.override_config(feedback_dapo.get_config(), [item])

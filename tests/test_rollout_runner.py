@@ -92,6 +92,25 @@ def test_oracle_turns_through_parser_and_env_reach_reward_one(tokenizer, world):
         assert record.generation_s > 0 and record.env_s > 0
 
 
+def test_turn_scores_are_the_score_each_oracle_turn_starts_from(tokenizer, world):
+    # The oracle never errs, so its score only climbs the reward's ladder: 0 before it
+    # has a field, 0.2 with some, 0.3 with all, 0.7 once a department of the task served
+    # it, and 1.0 less the missing report's penalty before the report.
+    tasks = _tasks(world)
+    engine = toys.ScriptedEngine(tokenizer, toys.oracle_script(world))
+    records, _ = _run(engine, world, tokenizer, [t.task_id for t in tasks])
+    before_report = reward.COMPLETED_SCORE - reward.NO_FINAL_REPORT_PENALTY
+    ladder = {0.0, reward.SOME_AUTH_SCORE, reward.ALL_AUTH_SCORE, reward.DEPARTMENT_SCORE}
+    for task, record in zip(tasks, records, strict=True):
+        scores = list(record.turn_scores)
+        assert len(scores) == record.num_turns
+        assert scores[:2] == [0.0, 0.0]  # before the search, and before the form
+        assert scores[-1] == pytest.approx(before_report)
+        assert scores == sorted(scores) and set(scores[:-1]) <= ladder
+        if task.level == 1:  # search, form with every field, one call, report
+            assert scores == pytest.approx([0.0, 0.0, reward.ALL_AUTH_SCORE, before_report])
+
+
 def test_unparsable_and_invalid_calls_are_counted_and_penalised(tokenizer, world):
     task = _tasks(world, levels=(1,))[0]
     broken = '<tool_call>\n{"name": "search_company", "arguments": {"company_name": \n</tool_call>'

@@ -63,6 +63,7 @@ def test_a_saved_config_without_the_llm_keys_still_reads():
     [
         ("algorithm.feedback_guidance.accumulation_mode", "most", "accumulation_mode"),
         ("algorithm.advantage", "ppo", "algorithm.advantage"),
+        ("algorithm.credit", "turn", "algorithm.credit"),
         ("algorithm.learner_support", "nucleus", "algorithm.learner_support"),
         ("rollout.engine", "sglang", "rollout.engine"),
         ("rollout.vllm_gpu_memory_utilization", 0.97, "vllm_gpu_memory_utilization"),
@@ -217,6 +218,7 @@ class FakeRecord:
     reward: float
     guided: bool
     truncated: bool = False
+    turn_scores: tuple = ()
 
     @property
     def success(self):
@@ -275,6 +277,13 @@ def test_build_batch_rows_advantages_and_context(context):
         assert batch.guided is None
 
 
+def test_progress_credit_needs_the_score():
+    config = feedback_dapo.get_config()
+    config.algorithm.credit, config.algorithm.reward = "progress", "success"
+    with pytest.raises(ValueError, match="credit=progress .* algorithm.reward='success'"):
+        run_config.settings_from_config(config)
+
+
 def test_reward_success_trains_on_task_success_alone():
     rng = np.random.default_rng(2)
     scores = [[1.0, 0.0, 0.5, 1.0], [0.2, 0.2, 0.8, 0.5]]
@@ -286,6 +295,31 @@ def test_reward_success_trains_on_task_success_alone():
     # The score: the second group's partial credit carries signal.
     scored, _ = batching.build_batch(groups, settings=_settings(), rows_multiple=1, pad_id=0)
     assert np.all(scored.advantages[4:6] < 0) and np.all(scored.advantages[6:] > 0)
+
+
+def test_progress_credit_gives_each_turn_its_own_advantage():
+    # Two rollouts of two turns (mask runs), rewards 1 and 0, scores 0.3 and 0.2 when
+    # their second turns began: still to come 1, 0.7 and 0, -0.2; the turn means 0.5 and
+    # 0.25, the rewards' std 0.5.
+    def record(reward, scores, mask):
+        mask = np.array(mask, np.int32)
+        ids = np.arange(10, 10 + len(mask))
+        return FakeRecord(ids, mask, mask * -0.5, ids, mask, mask * -0.5, reward, False)
+
+    group = [record(1.0, (0.0, 0.3), [0, 1, 1, 0, 1]), record(0.0, (0.0, 0.2), [0, 0, 1, 0, 1, 1])]
+    for r, scores in zip(group, [(0.0, 0.3), (0.0, 0.2)], strict=True):
+        r.turn_scores = scores
+    settings = dataclasses.replace(_settings(), credit="progress")
+    batch, _ = batching.build_batch([group], settings=settings, rows_multiple=4, pad_id=0)
+    assert batch.advantages.shape == batch.tokens.shape
+    np.testing.assert_allclose(batch.advantages[0, :6], [0, 1, 1, 0, 0.9, 0], atol=1e-5)
+    np.testing.assert_allclose(batch.advantages[1, :6], [0, 0, -1, 0, -0.9, -0.9], atol=1e-5)
+    assert not batch.advantages[:, 6:].any() and not batch.advantages[2:].any()
+    episode, _ = batching.build_batch([group], settings=_settings(), rows_multiple=4, pad_id=0)
+    np.testing.assert_allclose(episode.advantages[:2], [1, -1], atol=1e-5)
+    group[1].turn_scores = (0.0,)
+    with pytest.raises(ValueError, match="2 sampled turns but the rollout records 1"):
+        batching.build_batch([group], settings=settings, rows_multiple=1, pad_id=0)
 
 
 def test_overlong_penalty_and_truncation_mask_enter_the_batch():
@@ -370,7 +404,8 @@ def test_smoke_run_of_a_plain_model_without_the_copy_task(tmp_path):
     """The default smoke run has the smear and the copy task (the tiny preset's
     defaults); this one has neither, as a pretrained model would: a plain warm start
     saved and reloaded by the HF loader, rollouts and updates; and learner and sampler
-    share one mesh. Its critiques are rewritten by an LLM endpoint (a local stand-in)."""
+    share one mesh. Its critiques are rewritten by an LLM endpoint (a local stand-in),
+    and it trains with per-turn credit."""
     config = feedback_dapo.get_config("smoke")
     assert config.model.smear == 6 and config.warm_start.induction_steps == 3
     config.total_steps = 1
@@ -378,6 +413,7 @@ def test_smoke_run_of_a_plain_model_without_the_copy_task(tmp_path):
     config.warm_start.induction_steps = 0
     config.rollout.cpu_devices = 1  # learner and sampler sharded over all 8 test devices
     config.debug_conversations = True
+    config.algorithm.credit = "progress"
     fg = config.algorithm.feedback_guidance
     fg.use_llm_enhancement, fg.llm_model = True, "critic"
     reply = "Rewritten: search the company first, then ask for the fields."

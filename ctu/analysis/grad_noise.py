@@ -21,8 +21,9 @@ reports these quantities with a jackknife interval over groups.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -157,12 +158,44 @@ def load_run_policy(s: train.Setup, step: int | None):
     return policy_loading.restore_model(directory, s.model_config, s.mesh, step)
 
 
+def override_config(config, overrides: Sequence[str]):
+    """`config` with each "KEY=VALUE" set (KEY dotted, e.g. algorithm.credit; VALUE read
+    as JSON when it parses, else as a string). An unknown key or a value of the wrong
+    type is a ValueError."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: write KEY=VALUE, e.g. algorithm.credit=progress")
+        *path, leaf = key.split(".")
+        node = config
+        for part in path:
+            node = node.get(part) if hasattr(node, "get") else None
+        if node is None or not hasattr(node, "get") or leaf not in node:
+            raise ValueError(f"override {item!r}: the run's config has no key {key!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        try:
+            node[leaf] = value
+        except TypeError as error:
+            raise ValueError(f"override {item!r}: {error}") from None
+    return config
+
+
 def measure(
-    workdir: str, *, step: int | None = None, num_groups: int = 32, seed: int = 0, log=print
+    workdir: str,
+    *,
+    step: int | None = None,
+    num_groups: int = 32,
+    seed: int = 0,
+    overrides: Sequence[str] = (),
+    log=print,
 ) -> dict:
     """The noise scale of the run's RL gradient at its warm start or a checkpoint, from
-    `num_groups` groups with reward signal on train tasks (sampled as the run samples)."""
-    config = policy_loading.read_run_config(workdir)
+    `num_groups` groups with reward signal on train tasks (sampled as the run samples),
+    under the run's config with `overrides` ("KEY=VALUE") applied."""
+    config = override_config(policy_loading.read_run_config(workdir), overrides)
     s = train.setup(config, workdir)
     settings = s.settings
     gradient_bytes = num_groups * s.model_config.num_params() * 4
@@ -207,6 +240,7 @@ def measure(
     return {
         "workdir": workdir,
         "policy": "warm_start" if step is None else f"checkpoint {step}",
+        "overrides": list(overrides),
         "groups_sampled": len(sampled),
         "groups_with_signal": len(kept),
         "success_rate": float(np.mean([r.success for r in records])),

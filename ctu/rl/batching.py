@@ -1,7 +1,8 @@
 """From groups of finished rollouts to the learner's `RolloutBatch`.
 
-Per rollout: reward (the score or success alone, plus DAPO's overlong penalty on the tokens it generated),
-a group-relative advantage, and the token ids it is trained on — the ids it was
+Per rollout: reward (the score or success alone, plus DAPO's overlong penalty on the
+tokens it generated), a group-relative advantage (per rollout, or per turn with
+`credit="progress"`: ctu.rl.credit), and the token ids it is trained on — the ids it was
 sampled with (`augmented`), or for a feedback-guided rollout with
 `training_context="original"` the same continuation under the plain prompt,
 marked `guided` so the loss knows its behaviour log-probs came from another
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ctu.rl import advantages as advantages_lib
-from ctu.rl import shaping
+from ctu.rl import credit, shaping
 from ctu.rl.train_step import RolloutBatch
 
 # Padded lengths are multiples of this by default (TrainConfig.length_bucket), so the
@@ -67,7 +68,16 @@ def build_batch(
     if not groups:
         raise ValueError("build_batch needs at least one group of rollouts")
     rewards = shaped_rewards(groups, settings=settings)
-    advantages = np.asarray(advantages_lib.group_advantages(settings.advantage, rewards))
+    if settings.credit == "progress":
+        per_turn = [
+            a
+            for group, group_rewards in zip(groups, rewards, strict=True)
+            for a in credit.turn_advantages(
+                settings.advantage, group_rewards, [r.turn_scores for r in group]
+            )
+        ]
+    else:
+        advantages = np.asarray(advantages_lib.group_advantages(settings.advantage, rewards))
     original = settings.feedback.enable and settings.feedback.training_context == "original"
     records = [r for g in groups for r in g]
     contexts = [_context(r, original) for r in records]
@@ -79,12 +89,19 @@ def build_batch(
     mask = np.zeros((rows, length), np.float32)
     old_logp = np.zeros((rows, length), np.float32)
     guided = np.zeros((rows,), np.float32)
-    flat_advantages = np.zeros((rows,), np.float32)
-    flat_advantages[: len(records)] = advantages.reshape(-1)
+    if settings.credit == "progress":  # per token: each turn's own advantage
+        flat_advantages = np.zeros((rows, length), np.float32)
+    else:  # per rollout, broadcast over its tokens by the loss
+        flat_advantages = np.zeros((rows,), np.float32)
+        flat_advantages[: len(records)] = advantages.reshape(-1)
     for row, (record, (ids, loss_mask, logp)) in enumerate(zip(records, contexts, strict=True)):
         tokens[row, : len(ids)] = ids
         keep = not (settings.mask_truncated and record.truncated)
         mask[row, : len(ids)] = loss_mask if keep else 0
+        if settings.credit == "progress":
+            flat_advantages[row, : len(ids)] = credit.token_advantages(
+                per_turn[row], mask[row, : len(ids)]
+            )
         old_logp[row, : len(ids)] = logp
         guided[row] = float(original and record.guided)
     batch = RolloutBatch(

@@ -108,6 +108,9 @@ class RolloutRecord:
     steps: tuple  # the environment's trajectory (ctu.world.tools.Step), for logs
     generation_s: float  # wall time of the generate calls this episode took part in
     env_s: float  # time in this episode's environment steps and scoring
+    # The score of the episode as it stood when each assistant turn began (its steps so
+    # far, without a final report), one per turn: 0.0 for the first.
+    turn_scores: tuple = ()
 
     @property
     def guided(self) -> bool:

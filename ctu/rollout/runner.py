@@ -77,6 +77,7 @@ class _Row:
     env_s: float = 0.0
     feedback_s: float = 0.0
     kept_length: int | None = None  # tokens kept when the episode stopped at the limit
+    turn_starts: list = dataclasses.field(default_factory=list)  # env steps before each turn
 
 
 def run_episodes(
@@ -206,6 +207,7 @@ def _take_turn(row: _Row, ids, logprobs, stop_reason, tokenizer, settings: Runne
         row.kept_length = len(row.conv)
         return None
     row.num_turns += 1
+    row.turn_starts.append(len(row.env.episode.steps))
     for conv in filter(None, (row.conv, row.original)):
         conv.append_assistant(ids)
     row.logprobs.extend(float(x) for x in logprobs)
@@ -319,8 +321,23 @@ def _record(row: _Row, score, *, ended_by: str, truncated: bool) -> RolloutRecor
         num_tool_calls=row.num_tool_calls,
         num_parse_failures=row.num_parse_failures,
         steps=tuple(row.env.episode.steps),
+        turn_scores=_turn_scores(row),
         generation_s=row.generation_s,
         env_s=row.env_s,
+    )
+
+
+def _turn_scores(row: _Row) -> tuple[float, ...]:
+    """The score of the episode as it stood when each assistant turn began (its steps so
+    far, no final report): the progress a turn starts from, for per-turn credit."""
+    episode = row.env.episode
+    return tuple(
+        reward.compute_score_with_feedback(
+            episode.task,
+            episode.world,
+            dataclasses.replace(episode, steps=episode.steps[:n], final_message=None),
+        ).score
+        for n in row.turn_starts
     )
 
 
