@@ -178,6 +178,10 @@ def get_config(arg=None):
     # same turn: the same expected gradient, less noise (ctu/rl/credit.py; needs
     # reward=score).
     config.algorithm.credit = "episode"  # episode | progress
+    # progress: the weight of what later turns gain in a turn's credit (GAE's lambda,
+    # with the score so far as the value). 1: the reward's gradient exactly; below 1 a
+    # turn is judged more by its own gain (less noise, a shaped objective).
+    config.algorithm.credit_lambda = 1.0
     # The distribution the learner trains. full: the whole softmax, as verl and TRL do.
     # sampled: the one the rollouts were drawn from (rollout.top_k / top_p), each
     # token's support fixed at the update's start. Trained on the whole softmax, tokens

@@ -68,12 +68,18 @@ class AlgorithmSettings:
     feedback: FeedbackGuidanceConfig
     reward: str = "score"
     credit: str = "episode"  # episode | progress (ctu.rl.credit)
+    credit_lambda: float = 1.0  # progress credit: the weight of later turns' gains
 
     def __post_init__(self):
         if self.reward not in REWARDS:
             raise ValueError(f"algorithm.reward={self.reward!r}: choose one of {REWARDS}.")
         if self.credit not in CREDITS:
             raise ValueError(f"algorithm.credit={self.credit!r}: choose one of {CREDITS}.")
+        if not 0.0 <= self.credit_lambda <= 1.0:
+            raise ValueError(
+                f"algorithm.credit_lambda={self.credit_lambda}: a weight in [0, 1]; 1 credits "
+                "a turn with everything the episode gains after it began."
+            )
         if self.credit == "progress" and self.reward != "score":
             raise ValueError(
                 "algorithm.credit=progress measures each turn against the partial-credit "
@@ -241,6 +247,7 @@ def settings_from_config(config) -> RunSettings:
             feedback=feedback,
             reward=alg.get("reward", "score"),  # absent from older runs' config.json
             credit=alg.get("credit", "episode"),
+            credit_lambda=alg.get("credit_lambda", 1.0),
         ),
         train=train,
         checkpoint=CheckpointConfig(max_to_keep=config.max_to_keep, save_interval_steps=1),

@@ -121,6 +121,25 @@ def test_turns_after_an_episode_ended_count_as_nothing_to_come():
     np.testing.assert_allclose(per_turn[2], [0.1 - 1 / 3, 0.0 - 0.4 / 3], atol=1e-6)
 
 
+def test_lambda_discounts_what_later_turns_gained():
+    # Gains 0.3, 0, 0.6 (the reward 0.9 after the last turn): lam = 1 sums them, lam = 0
+    # keeps each turn's own, lam = 0.5 halves each further turn's.
+    scores = [0.0, 0.3, 0.3]
+    np.testing.assert_allclose(credit.to_come(0.9, scores, 1.0), [0.9, 0.6, 0.6])
+    np.testing.assert_allclose(credit.to_come(0.9, scores, 0.0), [0.3, 0.0, 0.6])
+    np.testing.assert_allclose(credit.to_come(0.9, scores, 0.5), [0.3 + 0.15, 0.3, 0.6])
+    rewards, turns = [0.9, 0.2], [scores, [0.0, 0.2]]
+    by_hand = [credit.to_come(r, t, 0.5) for r, t in zip(rewards, turns, strict=True)]
+    dr = credit.turn_advantages("dr_grpo", rewards, turns, lam=0.5)
+    means = [
+        (by_hand[0][0] + by_hand[1][0]) / 2,
+        (by_hand[0][1] + by_hand[1][1]) / 2,
+        by_hand[0][2] / 2,
+    ]
+    np.testing.assert_allclose(dr[0], by_hand[0] - means, atol=1e-6)
+    np.testing.assert_allclose(dr[1], by_hand[1] - means[:2], atol=1e-6)
+
+
 def test_grpo_gives_an_all_equal_group_zeros_and_scales_by_the_reward_spread():
     zeros = credit.turn_advantages("grpo", [0.3, 0.3], [[0.0, 0.3], [0.0, 0.0, 0.2]])
     assert [z.tolist() for z in zeros] == [[0.0, 0.0], [0.0, 0.0, 0.0]]

@@ -64,6 +64,7 @@ def test_a_saved_config_without_the_llm_keys_still_reads():
         ("algorithm.feedback_guidance.accumulation_mode", "most", "accumulation_mode"),
         ("algorithm.advantage", "ppo", "algorithm.advantage"),
         ("algorithm.credit", "turn", "algorithm.credit"),
+        ("algorithm.credit_lambda", 1.5, "credit_lambda"),
         ("algorithm.learner_support", "nucleus", "algorithm.learner_support"),
         ("rollout.engine", "sglang", "rollout.engine"),
         ("rollout.vllm_gpu_memory_utilization", 0.97, "vllm_gpu_memory_utilization"),

@@ -73,7 +73,10 @@ def build_batch(
             a
             for group, group_rewards in zip(groups, rewards, strict=True)
             for a in credit.turn_advantages(
-                settings.advantage, group_rewards, [r.turn_scores for r in group]
+                settings.advantage,
+                group_rewards,
+                [r.turn_scores for r in group],
+                lam=settings.credit_lambda,
             )
         ]
     else:

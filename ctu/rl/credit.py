@@ -10,6 +10,8 @@ report after a completed call sees 1.0 - 0.9 rather than 1.0.
 
     x[i, k] = R_i - Phi[i, k]   the return still to come when turn k of rollout i
                                 began; 0 after rollout i has ended (nothing is to come)
+                                (with `lam` < 1, later turns' gains are discounted by
+                                lam per turn, as GAE(lam) with Phi as the value)
     A[i, k] = x[i, k] - b_k     b_k from the group's x[:, k], as the episode estimator:
         "grpo"     b_k = mean_j x[j, k], and A is divided by std(R) + eps, the group's
                    reward spread, as GRPO divides an episode's advantage
@@ -34,8 +36,25 @@ from ctu.rl import advantages as advantages_lib
 CREDITS = ("episode", "progress")
 
 
+def to_come(reward: float, scores: Sequence[float], lam: float = 1.0) -> np.ndarray:
+    """Per turn, the return still to come when it began: sum_l lam^l delta_{k+l}, where
+    delta_k = Phi_{k+1} - Phi_k is what turn k gained (the last turn's next Phi is the
+    reward). lam = 1 gives reward - Phi_k."""
+    phi = np.append(np.asarray(scores, np.float64), reward)
+    gains = np.diff(phi)
+    out = np.zeros(len(gains))
+    running = 0.0
+    for k in range(len(gains) - 1, -1, -1):
+        running = gains[k] + lam * running
+        out[k] = running
+    return out
+
+
 def turn_advantages(
-    estimator: str, rewards: Sequence[float], turn_scores: Sequence[Sequence[float]]
+    estimator: str,
+    rewards: Sequence[float],
+    turn_scores: Sequence[Sequence[float]],
+    lam: float = 1.0,
 ) -> list[np.ndarray]:
     """Advantages of each turn of each rollout in one group.
 
@@ -43,6 +62,9 @@ def turn_advantages(
       estimator: "grpo" | "dr_grpo" | "rloo".
       rewards: [n] the rollouts' trained rewards.
       turn_scores: per rollout, the score when each of its turns began.
+      lam: how much of what later turns gain a turn is credited with (`to_come`); below
+        1 a turn is judged more by what it gained itself: less noise, but the update
+        no longer follows the reward's gradient exactly.
 
     Returns:
       Per rollout, a float32 array with one advantage per turn.
@@ -55,9 +77,9 @@ def turn_advantages(
     turns = max(len(t) for t in turn_scores)
     if turns == 0:  # every rollout stopped before its first turn
         return [np.zeros(0, np.float32) for _ in turn_scores]
-    to_come = np.zeros((turns, len(rewards)))  # x transposed: a row per turn index
+    x = np.zeros((turns, len(rewards)))  # a row per turn index, a column per rollout
     for i, scores in enumerate(turn_scores):
-        to_come[: len(scores), i] = rewards[i] - np.asarray(scores, np.float64)
+        x[: len(scores), i] = to_come(rewards[i], scores, lam)
     scale = 1.0
     if estimator == "grpo":
         if np.all(rewards == rewards[0]):  # no spread to divide by: no signal, as GRPO
@@ -65,7 +87,7 @@ def turn_advantages(
         spread = np.sqrt(np.mean((rewards - rewards.mean()) ** 2))
         scale = 1.0 / (spread + advantages_lib.StdSettings().eps)
         estimator = "dr_grpo"
-    centred = np.asarray(advantages_lib.group_advantages(estimator, to_come), np.float64)
+    centred = np.asarray(advantages_lib.group_advantages(estimator, x), np.float64)
     return [(centred[: len(t), i] * scale).astype(np.float32) for i, t in enumerate(turn_scores)]
 
 
