@@ -3,6 +3,7 @@ r"""The gradient noise scale of a run's RL update at its warm start or a checkpo
     python -m launch.grad_noise --workdir=runs/feedback_dapo               # warm start
     python -m launch.grad_noise --workdir=runs/feedback_dapo --step=12 --groups=32
     python -m launch.grad_noise --workdir=runs/feedback_dapo --set=algorithm.credit=progress
+    python -m launch.grad_noise --workdir=runs/feedback_dapo --by_turn
 
 Samples train-task groups with the run's own settings (its config.json), computes each
 group's DAPO gradient as the update does, and writes (atomically, to --out, default
@@ -11,7 +12,8 @@ with a jackknife interval, the expected agreement of two updates of
 rollout.tasks_per_step groups, and the cosines measured between disjoint ones
 (ctu/analysis/grad_noise.py). --set changes a setting first, to see what it would do
 to the noise before a run is spent on it (with the same --seed, a setting that does
-not change sampling is measured on the same groups). An analysis, not a benchmark: no timing.
+not change sampling is measured on the same groups). --by_turn adds each kind of
+turn's (search, form, call, message) share of the signal and of the noise. An analysis, not a benchmark: no timing.
 """
 
 import json
@@ -28,6 +30,9 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the warm s
 _GROUPS = flags.DEFINE_integer("groups", 32, "Groups with reward signal to measure over.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampled groups.")
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON.")
+_BY_TURN = flags.DEFINE_bool(
+    "by_turn", False, "Also split signal and noise over the kinds of turn (tool called)."
+)
 _SET = flags.DEFINE_multi_string(
     "set", [], "KEY=VALUE to change in the run's config first, e.g. algorithm.credit=progress."
 )
@@ -45,6 +50,7 @@ def main(argv):
             num_groups=_GROUPS.value,
             seed=_SEED.value,
             overrides=_SET.value,
+            by_turn=_BY_TURN.value,
             log=logging.info,
         )
     except (FileNotFoundError, RuntimeError, ValueError) as error:  # PolicySpecError too

@@ -11,7 +11,7 @@ from flax import nnx
 from configs import feedback_dapo
 from ctu import run_config, sharding
 from ctu.analysis import grad_noise
-from ctu.rl import batching, train_step
+from ctu.rl import batching, credit, train_step
 from tests import resume_worker
 
 
@@ -66,6 +66,10 @@ class _Record:
     reward: float
     guided: bool = False
     truncated: bool = False
+    kinds: tuple = ()
+
+    def turn_kinds(self):
+        return self.kinds
 
     original_tokens = property(lambda self: self.tokens)
     original_loss_mask = property(lambda self: self.loss_mask)
@@ -80,7 +84,9 @@ def _group(rng, rewards, length=40, sampled=12):
         tokens = rng.integers(1, resume_worker.VOCAB, length)
         mask = np.zeros(length, np.int32)
         mask[rng.choice(np.arange(8, length), sampled, replace=False)] = 1
-        group.append(_Record(tokens, mask, np.zeros(length, np.float32), reward))
+        turns = len(credit.turn_spans(mask))
+        kinds = tuple(rng.choice(["search_company", "auth_info_form", "respond"], turns))
+        group.append(_Record(tokens, mask, np.zeros(length, np.float32), reward, kinds=kinds))
     return group
 
 
@@ -110,6 +116,29 @@ def test_group_gradients_average_to_the_update_gradient():
     np.testing.assert_allclose(per_group.mean(0), flat, rtol=1e-4, atol=1e-6)
     # A group whose rewards are all equal has no advantage, so no gradient.
     assert not np.any(gradient(_group(rng, [0.5] * 4)))
+    # The parts of each kind of turn add up to the group's gradient.
+    for group, whole in zip(groups, per_group, strict=True):
+        parts = [gradient(group, kind) for kind in ("search_company", "auth_info_form", "respond")]
+        assert all(np.any(p) for p in parts)
+        np.testing.assert_allclose(np.sum(parts, 0), whole, rtol=1e-4, atol=1e-6)
+
+
+def test_kind_shares_find_where_signal_and_noise_are():
+    # Part "a" is the mean gradient plus noise e (trace 1); part "b" cancels half of e and
+    # adds its own noise f (trace 9). The whole, mean + e / 2 + f, has noise of trace
+    # 1/4 + 9; a's share of it is tr Cov(a, whole) = 1/2, b's -1/4 + 9.
+    rng = np.random.default_rng(3)
+    n, dims = 64, 4000
+    mean = rng.normal(size=dims) / np.sqrt(dims)
+    e = rng.normal(size=(n, dims)) / np.sqrt(dims)
+    f = 3 * rng.normal(size=(n, dims)) / np.sqrt(dims)
+    a, b = mean + e, -0.5 * e + f
+    shares = grad_noise.kind_shares(a + b, {"a": a, "b": b})
+    assert shares["a"]["signal_share"] + shares["b"]["signal_share"] == pytest.approx(1.0)
+    assert shares["a"]["noise_share"] + shares["b"]["noise_share"] == pytest.approx(1.0)
+    assert shares["a"]["signal_share"] == pytest.approx(1.0, abs=0.2)
+    assert shares["a"]["noise_share"] == pytest.approx(0.5 / 9.25, abs=0.02)
+    assert shares["a"]["b_noise"] == pytest.approx(1.0, rel=0.5)
 
 
 def test_overrides_change_existing_settings_and_refuse_the_rest():

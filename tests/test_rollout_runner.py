@@ -109,6 +109,12 @@ def test_turn_scores_are_the_score_each_oracle_turn_starts_from(tokenizer, world
         assert scores == sorted(scores) and set(scores[:-1]) <= ladder
         if task.level == 1:  # search, form with every field, one call, report
             assert scores == pytest.approx([0.0, 0.0, reward.ALL_AUTH_SCORE, before_report])
+            assert record.turn_kinds() == (
+                "search_company",
+                "auth_info_form",
+                "make_phone_call",
+                tools.RESPOND,
+            )
 
 
 def test_unparsable_and_invalid_calls_are_counted_and_penalised(tokenizer, world):
@@ -122,6 +128,7 @@ def test_unparsable_and_invalid_calls_are_counted_and_penalised(tokenizer, world
     assert record.num_parse_failures == 2
     invalid = [s for s in record.steps if isinstance(s.outcome, tools.Invalid)]
     assert [s.name for s in invalid] == [MALFORMED_ACTION, MALFORMED_ACTION]
+    assert record.turn_kinds()[:3] == ("malformed", "malformed", "search_company")
     # The oracle still completes the task; the two malformed calls cost their penalty.
     assert record.reward == pytest.approx(1.0 - 2 * reward.MALFORMED_CALL_PENALTY)
     assert record.failure_type == reward.MALFORMED_CALL
@@ -151,6 +158,7 @@ def test_token_limit_truncates_and_scores_what_was_done(tokenizer, world):
             (_, out), *_ = engine.sessions[0].calls
             assert out.stop_reasons[0] == LENGTH and record.num_turns == 1
             assert record.loss_mask.sum() == 5 and len(record.steps) == 0
+            assert record.turn_kinds() == ("cut",) and record.turn_scores == (0.0,)
 
 
 class _Episode:

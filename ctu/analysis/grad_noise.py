@@ -21,6 +21,7 @@ reports these quantities with a jackknife interval over groups.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -34,9 +35,13 @@ from ctu import train
 from ctu.analysis import policy_loading
 from ctu.models import from_hf
 from ctu.models.shared_prefix import common_prefix_length
-from ctu.rl import batching, train_step
+from ctu.rl import batching, credit, train_step
 from ctu.rl.dynamic_sampling import has_signal
 from ctu.sft import WARM_START_DIR
+from ctu.world import tools
+
+# What a turn can be (RolloutRecord.turn_kinds), for `by_turn`.
+TURN_KINDS = (*tools.TOOL_NAMES, tools.RESPOND, "malformed", "cut")
 
 # Every group's gradient is held in host memory (float32) until the end; above this the
 # measurement refuses to start rather than swap. A 0.6B model allows ~6 groups.
@@ -109,9 +114,25 @@ def disjoint_batch_cosines(grads: np.ndarray, batch: int) -> list[float]:
     return out
 
 
+def _advantages_of_kind(batch, records, kind: str) -> np.ndarray:
+    """`[rows, length]` advantages of `batch` kept on the turns of one kind only."""
+    advantages = np.asarray(batch.advantages, np.float32)
+    if advantages.ndim == 1:
+        advantages = np.broadcast_to(advantages[:, None], batch.mask.shape)
+    keep = np.zeros(batch.mask.shape, np.float32)
+    for row, record in enumerate(records):
+        spans = credit.turn_spans(batch.mask[row])
+        for (start, end), turn_kind in zip(spans, record.turn_kinds(), strict=True):
+            keep[row, start:end] = turn_kind == kind
+    return advantages * keep
+
+
 def group_gradient_fn(learner: train_step.Learner, settings, pad_id: int) -> Callable:
-    """group (a list of rollout records) -> the flat gradient of its DAPO loss, computed
-    as the learner's update computes it (the behaviour log-probs recomputed first)."""
+    """(group, kind=None) -> the flat gradient of a group's DAPO loss, computed as the
+    learner's update computes it (the behaviour log-probs recomputed first); with
+    `kind` (a `RolloutRecord.turn_kinds` value), the part of it that the turns of that
+    kind contribute (the other turns' advantages set to 0, the token mean unchanged), so
+    the parts of all kinds add up to the whole."""
     config = learner.config
 
     @nnx.jit(static_argnums=2)
@@ -119,7 +140,7 @@ def group_gradient_fn(learner: train_step.Learner, settings, pad_id: int) -> Cal
         grads, _ = train_step.mini_batch_gradients(model, batch, config, prefix_len)
         return jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])
 
-    def gradient(group) -> np.ndarray:
+    def gradient(group, kind: str | None = None) -> np.ndarray:
         batch, _ = batching.build_batch(
             [group],
             settings=settings.algorithm,
@@ -127,12 +148,38 @@ def group_gradient_fn(learner: train_step.Learner, settings, pad_id: int) -> Cal
             pad_id=pad_id,
             length_multiple=settings.train.length_bucket,
         )
+        if kind is not None:
+            batch = dataclasses.replace(batch, advantages=_advantages_of_kind(batch, group, kind))
         prefix_len = common_prefix_length(batch.tokens, batch.mask)
         prepared = learner.prepare(learner.shard_batch(batch), prefix_len)
         with jax.set_mesh(learner.mesh):
             return np.asarray(flat(learner.model, prepared, prefix_len))
 
     return gradient
+
+
+def kind_shares(total: np.ndarray, parts: dict[str, np.ndarray]) -> dict[str, dict]:
+    """How the signal |G|^2 and the noise tr(Sigma) of `[N, P]` per-group gradients
+    split over parts that add up to them (`parts[kind]`, `[N, P]` each): a part's
+    share of the signal is <G_kind, G> / |G|^2 and of the noise tr Cov(g_kind, g) /
+    tr(Sigma), both estimated without bias, so each set of shares sums to 1. A part
+    with a large share of the noise and a small one of the signal is what an update
+    would be better without."""
+    total = np.asarray(total, np.float64)
+    signal, trace = _signal_and_trace(total @ total.T)
+    out = {}
+    for kind, part in parts.items():
+        part = np.asarray(part, np.float64)
+        cross_signal, cross_trace = _signal_and_trace(part @ total.T)
+        own = noise_scale(part)
+        out[kind] = {
+            "signal_share": cross_signal / signal,
+            "noise_share": cross_trace / trace,
+            "signal_sq_norm": own["signal_sq_norm"],
+            "noise_trace": own["noise_trace"],
+            "b_noise": own["b_noise"],
+        }
+    return out
 
 
 def load_run_policy(s: train.Setup, step: int | None):
@@ -190,15 +237,18 @@ def measure(
     num_groups: int = 32,
     seed: int = 0,
     overrides: Sequence[str] = (),
+    by_turn: bool = False,
     log=print,
 ) -> dict:
     """The noise scale of the run's RL gradient at its warm start or a checkpoint, from
     `num_groups` groups with reward signal on train tasks (sampled as the run samples),
-    under the run's config with `overrides` ("KEY=VALUE") applied."""
+    under the run's config with `overrides` ("KEY=VALUE") applied; `by_turn` adds how
+    signal and noise split over the kinds of turn (`kind_shares`)."""
     config = override_config(policy_loading.read_run_config(workdir), overrides)
     s = train.setup(config, workdir)
     settings = s.settings
-    gradient_bytes = num_groups * s.model_config.num_params() * 4
+    copies = 1 + len(TURN_KINDS) if by_turn else 1
+    gradient_bytes = copies * num_groups * s.model_config.num_params() * 4
     if gradient_bytes > MAX_GRADIENT_BYTES:
         raise ValueError(
             f"{num_groups} groups' gradients of {s.model_config.num_params():,} parameters "
@@ -234,6 +284,20 @@ def measure(
     gradient = group_gradient_fn(learner, settings, s.tokenizer.pad_token_id)
     grads = np.stack([gradient(g) for g in kept])
     scale = noise_scale(grads)
+    by_kind = {}
+    if by_turn:
+        records = [r for g in kept for r in g]
+        kinds = [k for k in TURN_KINDS if any(k in r.turn_kinds() for r in records)]
+        parts = {k: np.stack([gradient(g, k) for g in kept]) for k in kinds}
+        by_kind = kind_shares(grads, parts)
+        tokens = {k: 0 for k in kinds}
+        for r in records:
+            for (start, end), kind in zip(
+                credit.turn_spans(r.loss_mask), r.turn_kinds(), strict=True
+            ):
+                tokens[kind] += end - start
+        for k in kinds:
+            by_kind[k]["token_share"] = tokens[k] / sum(tokens.values())
     b = per_round
     records = [r for g in sampled for r in g]
     b_noise = scale["b_noise"]
@@ -255,4 +319,5 @@ def measure(
         "disjoint_update_cosines": disjoint_batch_cosines(grads, b),
         # What the run's updates add up to, in noise-free SGD steps at the best step size.
         "run_noise_free_steps": float(settings.total_steps * b / (b + b_noise)),
+        **({"by_turn_kind": by_kind} if by_turn else {}),
     }

@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 
 from ctu.world import env as world_env
+from ctu.world import tools
 
 # `ended_by` of an episode stopped by the runner's token limit (the env's own values
 # are "user", "hang_up" and "turn_limit").
@@ -108,9 +109,11 @@ class RolloutRecord:
     steps: tuple  # the environment's trajectory (ctu.world.tools.Step), for logs
     generation_s: float  # wall time of the generate calls this episode took part in
     env_s: float  # time in this episode's environment steps and scoring
-    # The score of the episode as it stood when each assistant turn began (its steps so
-    # far, without a final report), one per turn: 0.0 for the first.
+    # Per assistant turn: the score of the episode as it stood when the turn began (its
+    # steps so far, without a final report; 0.0 for the first), and the number of
+    # environment steps taken before it.
     turn_scores: tuple = ()
+    turn_steps: tuple = ()
 
     @property
     def guided(self) -> bool:
@@ -124,6 +127,21 @@ class RolloutRecord:
     @property
     def num_sampled_tokens(self) -> int:
         return int(self.loss_mask.sum())
+
+    def turn_kinds(self) -> tuple[str, ...]:
+        """What each assistant turn did: the tool its first call named, "respond" (a
+        message to the user), "malformed" (no usable call) or "cut" (stopped by the
+        token limit before it was executed)."""
+        known = (*tools.TOOL_NAMES, tools.RESPOND)
+        ends = (*self.turn_steps[1:], len(self.steps))
+        kinds = []
+        for start, end in zip(self.turn_steps, ends, strict=True):
+            if start >= end:
+                kinds.append("cut")
+            else:
+                name = self.steps[start].name
+                kinds.append(name if name in known else "malformed")
+        return tuple(kinds)
 
 
 @dataclasses.dataclass(frozen=True)

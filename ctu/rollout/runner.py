@@ -322,6 +322,7 @@ def _record(row: _Row, score, *, ended_by: str, truncated: bool) -> RolloutRecor
         num_parse_failures=row.num_parse_failures,
         steps=tuple(row.env.episode.steps),
         turn_scores=_turn_scores(row),
+        turn_steps=tuple(row.turn_starts),
         generation_s=row.generation_s,
         env_s=row.env_s,
     )
