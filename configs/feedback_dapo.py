@@ -184,6 +184,20 @@ def get_config(arg=None):
     # 0.5 and 0 cut the noise further but the signal more: B_noise 283 and 599 groups
     # against 142 at 1 (docs/results.md section 2, first subsection).
     config.algorithm.credit_lambda = 1.0
+    # A factor on the advantages of each kind of turn (the tool it called; respond: a
+    # message to the user; malformed: no usable call; cut: stopped by the token limit).
+    # 1 everywhere is the reward's gradient; 0 leaves a kind's tokens out of the update
+    # (they still count in DAPO's token mean).
+    config.algorithm.turn_weights = ml_collections.ConfigDict(
+        {
+            "search_company": 1.0,
+            "auth_info_form": 1.0,
+            "make_phone_call": 1.0,
+            "respond": 1.0,
+            "malformed": 1.0,
+            "cut": 1.0,
+        }
+    )
     # The distribution the learner trains. full: the whole softmax, as verl and TRL do.
     # sampled: the one the rollouts were drawn from (rollout.top_k / top_p), each
     # token's support fixed at the update's start. Trained on the whole softmax, tokens

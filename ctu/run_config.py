@@ -16,7 +16,7 @@ from ctu.rl.credit import CREDITS
 from ctu.rl.optim import OptimConfig
 from ctu.rl.train_step import TrainConfig
 from ctu.rollout.groups import GroupSettings
-from ctu.rollout.records import RunnerSettings
+from ctu.rollout.records import TURN_KINDS, RunnerSettings
 from ctu.sampling.settings import SamplingConfig
 from ctu.sft import WarmStartConfig
 from ctu.world import data
@@ -69,6 +69,8 @@ class AlgorithmSettings:
     reward: str = "score"
     credit: str = "episode"  # episode | progress (ctu.rl.credit)
     credit_lambda: float = 1.0  # progress credit: the weight of later turns' gains
+    # Per kind of turn (RolloutRecord.turn_kinds), a factor on its tokens' advantages.
+    turn_weights: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(TURN_KINDS, 1.0))
 
     def __post_init__(self):
         if self.reward not in REWARDS:
@@ -80,6 +82,14 @@ class AlgorithmSettings:
                 f"algorithm.credit_lambda={self.credit_lambda}: a weight in [0, 1]; 1 credits "
                 "a turn with everything the episode gains after it began."
             )
+        unknown = sorted(set(self.turn_weights) - set(TURN_KINDS))
+        if unknown:
+            raise ValueError(
+                f"algorithm.turn_weights has unknown kinds {unknown}; the kinds are {TURN_KINDS}."
+            )
+        negative = {k: w for k, w in self.turn_weights.items() if not w >= 0.0}
+        if negative:
+            raise ValueError(f"algorithm.turn_weights {negative}: weights must be >= 0.")
         if self.credit == "progress" and self.reward != "score":
             raise ValueError(
                 "algorithm.credit=progress measures each turn against the partial-credit "
@@ -248,6 +258,10 @@ def settings_from_config(config) -> RunSettings:
             reward=alg.get("reward", "score"),  # absent from older runs' config.json
             credit=alg.get("credit", "episode"),
             credit_lambda=alg.get("credit_lambda", 1.0),
+            turn_weights={
+                **dict.fromkeys(TURN_KINDS, 1.0),
+                **dict(alg.get("turn_weights", {})),
+            },
         ),
         train=train,
         checkpoint=CheckpointConfig(max_to_keep=config.max_to_keep, save_interval_steps=1),

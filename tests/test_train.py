@@ -220,6 +220,10 @@ class FakeRecord:
     guided: bool
     truncated: bool = False
     turn_scores: tuple = ()
+    kinds: tuple = ()
+
+    def turn_kinds(self):
+        return self.kinds
 
     @property
     def success(self):
@@ -276,6 +280,31 @@ def test_build_batch_rows_advantages_and_context(context):
         np.testing.assert_array_equal(batch.guided[:6], [0, 1, 1, 0, 1, 1])
     else:
         assert batch.guided is None
+
+
+@pytest.mark.parametrize("credit", ["episode", "progress"])
+def test_turn_weights_scale_each_kind_of_turn(credit):
+    mask = np.array([0, 1, 1, 0, 1, 0, 1, 1], np.int32)
+    kinds = ("search_company", "malformed", "make_phone_call")
+    group = [
+        FakeRecord(np.arange(8), mask, mask * -0.5, np.arange(8), mask, mask * -0.5, r, False)
+        for r in (1.0, 0.0)
+    ]
+    for r in group:
+        r.turn_scores, r.kinds = (0.0, 0.0, 0.1), kinds
+    plain = dataclasses.replace(_settings(), credit=credit)
+    weights = {**plain.turn_weights, "malformed": 0.0, "make_phone_call": 2.0}
+    weighted = dataclasses.replace(plain, turn_weights=weights)
+    base, _ = batching.build_batch([group], settings=plain, rows_multiple=1, pad_id=0)
+    batch, _ = batching.build_batch([group], settings=weighted, rows_multiple=1, pad_id=0)
+    full = base.advantages if base.advantages.ndim == 2 else base.advantages[:, None] * base.mask
+    factor = np.array([0, 1, 1, 0, 0, 0, 2, 2], np.float32)
+    np.testing.assert_allclose(batch.advantages[:, :8], full[:, :8] * factor, atol=1e-6)
+    assert np.all(full[:, 1:3] != 0)
+    bad = feedback_dapo.get_config()
+    bad.algorithm.turn_weights.malformed = -1.0
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        run_config.settings_from_config(bad)
 
 
 def test_progress_credit_needs_the_score():

@@ -37,11 +37,8 @@ from ctu.models import from_hf
 from ctu.models.shared_prefix import common_prefix_length
 from ctu.rl import batching, credit, train_step
 from ctu.rl.dynamic_sampling import has_signal
+from ctu.rollout.records import TURN_KINDS
 from ctu.sft import WARM_START_DIR
-from ctu.world import tools
-
-# What a turn can be (RolloutRecord.turn_kinds), for `by_turn`.
-TURN_KINDS = (*tools.TOOL_NAMES, tools.RESPOND, "malformed", "cut")
 
 # Every group's gradient is held in host memory (float32) until the end; above this the
 # measurement refuses to start rather than swap. A 0.6B model allows ~6 groups.

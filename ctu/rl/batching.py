@@ -52,6 +52,40 @@ def _context(record, original: bool):
     return record.tokens, record.loss_mask, record.logprobs
 
 
+def _turn_advantages(groups, rewards: np.ndarray, settings) -> list[np.ndarray] | None:
+    """Per rollout, the advantage of each of its turns, weighted by the kind of turn
+    (`settings.turn_weights`); None when every token of a rollout shares one advantage
+    (episode credit, every weight 1)."""
+    weighted = any(w != 1.0 for w in settings.turn_weights.values())
+    if settings.credit != "progress" and not weighted:
+        return None
+    records = [r for g in groups for r in g]
+    if settings.credit == "progress":
+        per_turn = [
+            a
+            for group, group_rewards in zip(groups, rewards, strict=True)
+            for a in credit.turn_advantages(
+                settings.advantage,
+                group_rewards,
+                [r.turn_scores for r in group],
+                lam=settings.credit_lambda,
+            )
+        ]
+    else:
+        episode = np.asarray(advantages_lib.group_advantages(settings.advantage, rewards))
+        per_turn = [
+            np.full(len(r.turn_kinds()), a, np.float32)
+            for r, a in zip(records, episode.reshape(-1), strict=True)
+        ]
+    if weighted:
+        weights = settings.turn_weights
+        per_turn = [
+            a * np.array([weights[k] for k in r.turn_kinds()], np.float32)
+            for r, a in zip(records, per_turn, strict=True)
+        ]
+    return per_turn
+
+
 def build_batch(
     groups: Sequence[Sequence],
     *,
@@ -68,19 +102,7 @@ def build_batch(
     if not groups:
         raise ValueError("build_batch needs at least one group of rollouts")
     rewards = shaped_rewards(groups, settings=settings)
-    if settings.credit == "progress":
-        per_turn = [
-            a
-            for group, group_rewards in zip(groups, rewards, strict=True)
-            for a in credit.turn_advantages(
-                settings.advantage,
-                group_rewards,
-                [r.turn_scores for r in group],
-                lam=settings.credit_lambda,
-            )
-        ]
-    else:
-        advantages = np.asarray(advantages_lib.group_advantages(settings.advantage, rewards))
+    per_turn = _turn_advantages(groups, rewards, settings)
     original = settings.feedback.enable and settings.feedback.training_context == "original"
     records = [r for g in groups for r in g]
     contexts = [_context(r, original) for r in records]
@@ -92,16 +114,18 @@ def build_batch(
     mask = np.zeros((rows, length), np.float32)
     old_logp = np.zeros((rows, length), np.float32)
     guided = np.zeros((rows,), np.float32)
-    if settings.credit == "progress":  # per token: each turn's own advantage
-        flat_advantages = np.zeros((rows, length), np.float32)
-    else:  # per rollout, broadcast over its tokens by the loss
+    if per_turn is None:  # per rollout, broadcast over its tokens by the loss
         flat_advantages = np.zeros((rows,), np.float32)
-        flat_advantages[: len(records)] = advantages.reshape(-1)
+        flat_advantages[: len(records)] = np.asarray(
+            advantages_lib.group_advantages(settings.advantage, rewards)
+        ).reshape(-1)
+    else:  # per token: each turn's own advantage
+        flat_advantages = np.zeros((rows, length), np.float32)
     for row, (record, (ids, loss_mask, logp)) in enumerate(zip(records, contexts, strict=True)):
         tokens[row, : len(ids)] = ids
         keep = not (settings.mask_truncated and record.truncated)
         mask[row, : len(ids)] = loss_mask if keep else 0
-        if settings.credit == "progress":
+        if per_turn is not None:
             flat_advantages[row, : len(ids)] = credit.token_advantages(
                 per_turn[row], mask[row, : len(ids)]
             )

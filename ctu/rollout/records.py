@@ -15,6 +15,9 @@ import numpy as np
 from ctu.world import env as world_env
 from ctu.world import tools
 
+# What an assistant turn can have done (RolloutRecord.turn_kinds).
+TURN_KINDS = (*tools.TOOL_NAMES, tools.RESPOND, "malformed", "cut")
+
 # `ended_by` of an episode stopped by the runner's token limit (the env's own values
 # are "user", "hang_up" and "turn_limit").
 TOKEN_LIMIT = "token_limit"
