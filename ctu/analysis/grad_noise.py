@@ -249,7 +249,8 @@ def measure(
     if gradient_bytes > MAX_GRADIENT_BYTES:
         raise ValueError(
             f"{num_groups} groups' gradients of {s.model_config.num_params():,} parameters "
-            f"take {gradient_bytes / 2**30:.0f} GiB of memory (the limit is "
+            f"({copies} per group{' with by_turn' if by_turn else ''}) take "
+            f"{gradient_bytes / 2**30:.0f} GiB of memory (the limit is "
             f"{MAX_GRADIENT_BYTES / 2**30:.0f} GiB); measure fewer groups"
         )
     model = load_run_policy(s, step)
@@ -283,12 +284,12 @@ def measure(
     scale = noise_scale(grads)
     by_kind = {}
     if by_turn:
-        records = [r for g in kept for r in g]
-        kinds = [k for k in TURN_KINDS if any(k in r.turn_kinds() for r in records)]
+        kept_records = [r for g in kept for r in g]
+        kinds = [k for k in TURN_KINDS if any(k in r.turn_kinds() for r in kept_records)]
         parts = {k: np.stack([gradient(g, k) for g in kept]) for k in kinds}
         by_kind = kind_shares(grads, parts)
         tokens = {k: 0 for k in kinds}
-        for r in records:
+        for r in kept_records:
             for (start, end), kind in zip(
                 credit.turn_spans(r.loss_mask), r.turn_kinds(), strict=True
             ):
