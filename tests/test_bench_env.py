@@ -26,7 +26,6 @@ def test_env_benchmark_figures(tmp_path, monkeypatch):
     # Every oracle episode is a search, a form and one call per request.
     assert results["tool_calls_timed"] >= 3 * results["tasks"]
     assert results["rewards_timed"] == 3 * results["tasks"]
-    assert results["us_per_validation"] < results["us_per_tool_execute"]
     ratio = results["oracle_tool_calls_per_s"] / results["oracle_episodes_per_s"]
     assert ratio == pytest.approx(results["tool_calls_timed"] / results["tasks"], rel=1e-3)
 
