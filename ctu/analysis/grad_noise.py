@@ -111,26 +111,19 @@ def disjoint_batch_cosines(grads: np.ndarray, batch: int) -> list[float]:
     return out
 
 
-def _advantages_of_kind(batch, records, kind: str) -> np.ndarray:
-    """`[rows, length]` advantages of `batch` kept on the turns of one kind only."""
-    advantages = np.asarray(batch.advantages, np.float32)
-    if advantages.ndim == 1:
-        advantages = np.broadcast_to(advantages[:, None], batch.mask.shape)
-    keep = np.zeros(batch.mask.shape, np.float32)
-    for row, record in enumerate(records):
-        spans = credit.turn_spans(batch.mask[row])
-        for (start, end), turn_kind in zip(spans, record.turn_kinds(), strict=True):
-            keep[row, start:end] = turn_kind == kind
-    return advantages * keep
-
-
 def group_gradient_fn(learner: train_step.Learner, settings, pad_id: int) -> Callable:
     """(group, kind=None) -> the flat gradient of a group's DAPO loss, computed as the
     learner's update computes it (the behaviour log-probs recomputed first); with
     `kind` (a `RolloutRecord.turn_kinds` value), the part of it that the turns of that
-    kind contribute (the other turns' advantages set to 0, the token mean unchanged), so
-    the parts of all kinds add up to the whole."""
+    kind contribute (the other kinds weighted 0 through `algorithm.turn_weights`, the
+    token mean unchanged), so the parts of all kinds add up to the whole."""
     config = learner.config
+
+    def settings_of(kind: str | None):
+        if kind is None:
+            return settings.algorithm
+        weights = {k: w if k == kind else 0.0 for k, w in settings.algorithm.turn_weights.items()}
+        return dataclasses.replace(settings.algorithm, turn_weights=weights)
 
     @nnx.jit(static_argnums=2)
     def flat(model, batch, prefix_len):
@@ -140,13 +133,11 @@ def group_gradient_fn(learner: train_step.Learner, settings, pad_id: int) -> Cal
     def gradient(group, kind: str | None = None) -> np.ndarray:
         batch, _ = batching.build_batch(
             [group],
-            settings=settings.algorithm,
+            settings=settings_of(kind),
             rows_multiple=1,
             pad_id=pad_id,
             length_multiple=settings.train.length_bucket,
         )
-        if kind is not None:
-            batch = dataclasses.replace(batch, advantages=_advantages_of_kind(batch, group, kind))
         prefix_len = common_prefix_length(batch.tokens, batch.mask)
         prepared = learner.prepare(learner.shard_batch(batch), prefix_len)
         with jax.set_mesh(learner.mesh):

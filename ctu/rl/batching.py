@@ -52,14 +52,13 @@ def _context(record, original: bool):
     return record.tokens, record.loss_mask, record.logprobs
 
 
-def _turn_advantages(groups, rewards: np.ndarray, settings) -> list[np.ndarray] | None:
+def _turn_advantages(groups, records, rewards: np.ndarray, settings) -> list[np.ndarray] | None:
     """Per rollout, the advantage of each of its turns, weighted by the kind of turn
     (`settings.turn_weights`); None when every token of a rollout shares one advantage
     (episode credit, every weight 1)."""
     weighted = any(w != 1.0 for w in settings.turn_weights.values())
     if settings.credit != "progress" and not weighted:
         return None
-    records = [r for g in groups for r in g]
     if settings.credit == "progress":
         per_turn = [
             a
@@ -102,9 +101,9 @@ def build_batch(
     if not groups:
         raise ValueError("build_batch needs at least one group of rollouts")
     rewards = shaped_rewards(groups, settings=settings)
-    per_turn = _turn_advantages(groups, rewards, settings)
-    original = settings.feedback.enable and settings.feedback.training_context == "original"
     records = [r for g in groups for r in g]
+    per_turn = _turn_advantages(groups, records, rewards, settings)
+    original = settings.feedback.enable and settings.feedback.training_context == "original"
     contexts = [_context(r, original) for r in records]
     longest = max(len(tokens) for tokens, _, _ in contexts)
     length = -(-longest // length_multiple) * length_multiple
