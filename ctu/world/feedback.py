@@ -6,9 +6,10 @@ prerequisites, then the corrected form and calls as JSON, then one short note pe
 other penalty (`rule_based_feedback`). Failure-type strings are
 the constants in ctu/world/reward.py (kept as literals here to avoid a cycle).
 
-`LLMFeedback` rewrites that text through an OpenAI-compatible
+`LLMFeedback` rewrites the prose of that text (not the JSON, which follows the
+rewrite verbatim: `Critique.rewritten`) through an OpenAI-compatible
 `/chat/completions` endpoint (plain urllib), caches answers on disk keyed by
-the request, and falls back to the rule-based text on any error.
+the request, and falls back to the rule-based prose on any error.
 """
 
 from __future__ import annotations
@@ -256,13 +257,45 @@ def _arguments_to_copy(ctx: FeedbackContext, kinds) -> list[str]:
     return shown
 
 
-def rule_based_feedback(ctx: FeedbackContext) -> str:
-    """The main template, the corrected arguments as JSON (`_arguments_to_copy`), then
-    one note per other penalty the episode incurred: a block too long for
-    `max_feedback_tokens` is cut from the end, so the notes go first."""
+@dataclasses.dataclass(frozen=True)
+class Critique:
+    """A critique's parts: the main template's sentence, the corrected arguments as
+    JSON sentences (`_arguments_to_copy`), and one note per other penalty."""
+
+    main: str
+    arguments: tuple[str, ...]
+    notes: tuple[str, ...]
+
+    def text(self) -> str:
+        """The main sentence, the arguments, then the notes: a block too long for
+        `max_feedback_tokens` is cut from the end, so the notes go last."""
+        return " ".join([self.main, *self.arguments, *self.notes])
+
+    def rewritten(self, enhancer, trajectory) -> str:
+        """The prose (main sentence and notes) as `enhancer` (`LLMFeedback`) rewrites it
+        within its token cap, then the arguments verbatim: a rewrite of JSON in at most
+        100 tokens drops or paraphrases it, and copying it is what a small policy can do
+        with a critique (docs/results.md section 2)."""
+        prose = " ".join([self.main, *self.notes])
+        rewrite = enhancer.enhance(prose, trajectory)
+        if rewrite == prose:  # the enhancer fell back: the rule-based order
+            return self.text()
+        return " ".join([rewrite, *self.arguments])
+
+
+def critique(ctx: FeedbackContext) -> Critique:
+    """The rule-based critique of an episode."""
     kinds = [ctx.failure_type, *(k for k in ctx.penalties if k != ctx.failure_type)]
-    notes = ["Also: " + TEMPLATES[k](ctx) for k in kinds[1:]]
-    return " ".join([TEMPLATES[kinds[0]](ctx), *_arguments_to_copy(ctx, kinds), *notes])
+    return Critique(
+        main=TEMPLATES[kinds[0]](ctx),
+        arguments=tuple(_arguments_to_copy(ctx, kinds)),
+        notes=tuple("Also: " + TEMPLATES[k](ctx) for k in kinds[1:]),
+    )
+
+
+def rule_based_feedback(ctx: FeedbackContext) -> str:
+    """The rule-based critique's text (`Critique.text`)."""
+    return critique(ctx).text()
 
 
 # ---- optional LLM enhancement ----------------------------------------------------------

@@ -231,9 +231,8 @@ def compute_score_with_feedback(
         invalid=tuple(s.invalid),
         penalties={k: v for k, v in penalties.items() if v > 0},
     )
-    text = feedback.rule_based_feedback(context)
-    if enhancer is not None:
-        text = enhancer.enhance(text, trajectory)
+    parts = feedback.critique(context)
+    text = parts.text() if enhancer is None else parts.rewritten(enhancer, trajectory)
     needed = set(task.required_auth_fields)
     partial = {
         "stage": stage,
