@@ -272,6 +272,11 @@ def measure(
     kept = kept[:num_groups]
     gradient = group_gradient_fn(learner, settings, s.tokenizer.pad_token_id)
     grads = np.stack([gradient(g) for g in kept])
+    if not np.any(grads):
+        raise RuntimeError(
+            f"every measured group's gradient is zero under these settings ({list(overrides)}):"
+            " nothing would be trained (algorithm.turn_weights weighting every sampled turn 0?)"
+        )
     scale = noise_scale(grads)
     by_kind = {}
     if by_turn:
