@@ -256,6 +256,9 @@ def get_config(arg=None):
     config.optimizer.warmup_steps = 5
     config.optimizer.weight_decay = 0.0
     config.optimizer.max_grad_norm = 1.0
+    # A regular expression over parameter paths ("embed", "layers.0.attn.q_proj",
+    # "final_norm.scale"): only the parameters it matches are trained. "" = all.
+    config.optimizer.trainable = ""
     config.optimizer.ppo_epochs = 1
     config.optimizer.num_mini_batches = 2
     config.optimizer.num_micro_batches = 1

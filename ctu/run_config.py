@@ -220,6 +220,7 @@ def settings_from_config(config) -> RunSettings:
             warmup_steps=opt.warmup_steps,
             weight_decay=opt.weight_decay,
             max_grad_norm=opt.max_grad_norm,
+            trainable=opt.trainable,
         ),
     )
     return RunSettings(

@@ -1,6 +1,9 @@
 """Tests for ctu.rl.train_step and ctu.rl.optim on the tiny Qwen (8 simulated CPU devices)."""
 
 import dataclasses
+import os
+import re
+import tempfile
 
 import chex
 import jax
@@ -10,7 +13,8 @@ from absl.testing import absltest
 from flax import nnx
 
 from ctu import sharding
-from ctu.rl import losses, train_step
+from ctu.rl import checkpoint, losses, train_step
+from ctu.rl import optim as optim_lib
 from ctu.rl.optim import OptimConfig, learning_rate_schedule
 from tests import resume_worker
 
@@ -256,6 +260,62 @@ class ShardedLearnerTest(chex.TestCase):
         for want, got in zip(initial, reference, strict=True):
             np.testing.assert_array_equal(got, want)
         self.assertFalse(all(np.array_equal(a, b) for a, b in zip(initial, params[1], strict=True)))
+
+
+class TrainableTest(chex.TestCase):
+    def test_only_matched_parameters_move_and_as_they_would_in_a_full_update(self):
+        """Adam is per coordinate, so with clipping off the parameters `trainable` matches
+        take the very step a learner of every parameter takes; the rest stay bit-equal
+        and carry no optimizer state. A checkpoint of it restores."""
+        mesh = _mesh()
+        optim = dict(learning_rate=1e-2, eps=1e-3, max_grad_norm=1e9)
+        full = _learner(mesh, optim=OptimConfig(**optim))
+        part = _learner(mesh, optim=OptimConfig(**optim, trainable=r"norm|^embed$"))
+        paths = [
+            optim_lib.param_path(path)
+            for path, node in nnx.iter_graph(part.model)
+            if isinstance(node, nnx.Param)
+        ]
+        trained = [bool(re.search(r"norm|^embed$", p)) for p in paths]
+        self.assertTrue(any(trained) and not all(trained))
+        initial = _params(part)
+        for learner in (full, part):
+            learner.train_step(learner.prepare(learner.shard_batch(_batch(0))), jnp.arange(8))
+        for path, on, before, a, b in zip(
+            paths, trained, initial, _params(full), _params(part), strict=True
+        ):
+            if on:
+                self.assertFalse(np.array_equal(b, before), path)
+                np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=path)
+            else:
+                np.testing.assert_array_equal(b, before, err_msg=path)
+        moments = sum(x.size for x in jax.tree.leaves(nnx.state(part.optimizer)))
+        full_moments = sum(x.size for x in jax.tree.leaves(nnx.state(full.optimizer)))
+        trained_size = sum(x.size for x, on in zip(initial, trained, strict=True) if on)
+        self.assertLess(moments, 2 * trained_size + 16)
+        self.assertGreater(full_moments, 2 * sum(x.size for x in initial))
+
+        directory = os.path.join(tempfile.mkdtemp(), "checkpoints")
+        saver = checkpoint.Checkpointer(directory)
+        saver.save(
+            1,
+            model=part.model,
+            optimizer=part.optimizer,
+            rng=jax.random.key(0),
+            data_position={},
+            force=True,
+        )
+        saver.close()
+        fresh = _learner(mesh, optim=OptimConfig(**optim, trainable=r"norm|^embed$"))
+        checkpoint.Checkpointer(directory).restore(model=fresh.model, optimizer=fresh.optimizer)
+        for want, got in zip(_everything(part), _everything(fresh), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+    def test_a_pattern_that_is_bad_or_matches_nothing_is_refused(self):
+        with self.assertRaisesRegex(ValueError, "not a regular expression"):
+            OptimConfig(trainable="layers.(0")
+        with self.assertRaisesRegex(ValueError, "matches none of the model's parameters.*embed"):
+            _learner(_mesh(), optim=OptimConfig(trainable="lm_head"))
 
 
 class ConfigTest(absltest.TestCase):

@@ -1,10 +1,14 @@
-"""The policy optimizer: AdamW with a warmup schedule and global-norm clipping."""
+"""The policy optimizer: AdamW with a warmup schedule and global-norm clipping, over
+every parameter or those whose path matches `trainable` (`trainable_filter`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
+import jax
 import optax
+from flax import nnx
 
 SCHEDULES = ("constant", "cosine")
 
@@ -22,6 +26,11 @@ class OptimConfig:
       final_lr_fraction: the cosine schedule's end value as a fraction of the peak.
       b1, b2, eps, weight_decay: AdamW's (decoupled weight decay).
       max_grad_norm: clip the global gradient norm to this (optax.clip_by_global_norm).
+      trainable: a regular expression searched in each parameter's dotted path
+        (`param_path`: "embed", "layers.0.attn.q_proj", "final_norm.scale"); only the
+        parameters it matches get gradients and are updated, clipped and decayed;
+        the others stay as they are and have no optimizer state. "" trains every
+        parameter.
     """
 
     learning_rate: float = 1e-6
@@ -34,8 +43,16 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
+    trainable: str = ""
 
     def __post_init__(self):
+        try:
+            re.compile(self.trainable)
+        except re.error as error:
+            raise ValueError(
+                f"optim.trainable={self.trainable!r} is not a regular expression ({error}); "
+                "write one that matches parameter paths such as 'layers.0.attn.q_proj'"
+            ) from None
         if self.learning_rate <= 0:
             raise ValueError(f"optim.learning_rate must be > 0, got {self.learning_rate}")
         if self.warmup_steps < 0:
@@ -83,8 +100,41 @@ def learning_rate_schedule(config: OptimConfig) -> optax.Schedule:
     )
 
 
+def param_path(path) -> str:
+    """A parameter's dotted path in the model ("layers.0.mlp.up_proj"), from its nnx
+    path (a tuple of attribute names and layer indices)."""
+    return ".".join(str(part) for part in path)
+
+
+def trainable_filter(config: OptimConfig):
+    """The nnx filter of the parameters to train: every `nnx.Param`, or with
+    `config.trainable` those whose `param_path` it matches."""
+    if not config.trainable:
+        return nnx.Param
+    pattern = re.compile(config.trainable)
+    return nnx.All(nnx.Param, lambda path, _: bool(pattern.search(param_path(path))))
+
+
+def check_trainable(config: OptimConfig, model: nnx.Module) -> None:
+    """A `config.trainable` that matches none of `model`'s parameters is an error that
+    lists the paths there are."""
+    if jax.tree.leaves(nnx.state(model, trainable_filter(config))):
+        return
+    paths = [param_path(path) for path, _ in nnx.iter_graph(model) if isinstance(_, nnx.Param)]
+    raise ValueError(
+        f"optim.trainable={config.trainable!r} matches none of the model's parameters, so "
+        f"nothing would be trained; its paths: {', '.join(paths[:12])}"
+        f"{', ...' if len(paths) > 12 else ''}"
+    )
+
+
 def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
-    """clip_by_global_norm, then AdamW on the scheduled learning rate."""
+    """clip_by_global_norm, then AdamW on the scheduled learning rate (over the
+    parameters `trainable_filter` selects: build the `nnx.Optimizer` with it as `wrt`)."""
+    return _adamw(config)
+
+
+def _adamw(config: OptimConfig) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(config.max_grad_norm),
         optax.adamw(

@@ -45,7 +45,13 @@ from ctu.models.shared_prefix import (
     shared_prefix_token_logp_and_entropy,
 )
 from ctu.rl import losses
-from ctu.rl.optim import OptimConfig, learning_rate_schedule, make_optimizer
+from ctu.rl.optim import (
+    OptimConfig,
+    check_trainable,
+    learning_rate_schedule,
+    make_optimizer,
+    trainable_filter,
+)
 from ctu.sampling.settings import SamplingConfig
 
 # Metrics that are sums over the micro-batches; all others are token-weighted means.
@@ -230,7 +236,7 @@ def mini_batch_gradients(
     """
     normalizer = losses.loss_normalizer(config.loss, mini.mask, **config.loss_settings)
     total_tokens = jnp.maximum(jnp.sum(mini.mask.astype(jnp.float32)), 1.0)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(model, trainable_filter(config.optim), ...)
 
     def micro_loss(params, micro):
         logp, entropy = shared_prefix_token_logp_and_entropy(
@@ -290,8 +296,9 @@ class Learner:
         self.mesh = mesh
         self.model = model
         self._schedule = learning_rate_schedule(config.optim)
+        check_trainable(config.optim, model)
         self.optimizer = sharding.create_sharded_optimizer(
-            model, make_optimizer(config.optim), mesh
+            model, make_optimizer(config.optim), mesh, wrt=trainable_filter(config.optim)
         )
         # The frozen reference is a copy of the initial policy, kept only if needed.
         self.reference: nnx.State | None = None
