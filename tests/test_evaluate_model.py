@@ -250,6 +250,33 @@ def test_bad_workdirs_steps_and_policies_are_clear_errors(run_dir, tmp_path):
     assert proc.returncode != 0 and f"error: no checkpoint in {fresh}" in proc.stderr
 
 
+def test_an_older_runs_config_gets_the_settings_added_since_with_a_warning(tmp_path, caplog):
+    """A workdir written before a setting existed reads back with that setting's default
+    (named in a warning); every setting the run saved keeps its saved value."""
+    config = feedback_dapo.get_config("smoke")
+    config.optimizer.learning_rate = 0.123
+    saved = config.to_dict()
+    del saved["optimizer"]["trainable"]
+    del saved["algorithm"]["turn_weights"]
+    del saved["algorithm"]["credit"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with caplog.at_level("WARNING"):
+        read = policy_loading.read_run_config(str(tmp_path))
+    assert read.optimizer.trainable == "" and read.algorithm.credit == "episode"
+    assert dict(read.algorithm.turn_weights) == dict(config.algorithm.turn_weights)
+    assert read.to_dict() == config.to_dict()  # the rest as saved: smoke sizes, the rate
+    warning = caplog.text
+    assert "optimizer.trainable=''" in warning and "algorithm.credit='episode'" in warning
+    assert "algorithm.turn_weights={" in warning and "learning_rate" not in warning
+    settings_from_config(read)
+    # A config with nothing missing reads back as written, without a warning.
+    caplog.clear()
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    with caplog.at_level("WARNING"):
+        assert policy_loading.read_run_config(str(tmp_path)).to_dict() == config.to_dict()
+    assert "predates" not in caplog.text
+
+
 def test_compare_reads_the_run_and_its_evaluation(run_dir, feedback_eval, tmp_path):
     run = tmp_path / "fd_smoke"
     run.mkdir()
