@@ -131,6 +131,9 @@ class SharedLearnerTest(chex.TestCase):
         # Off-policy old log-probs so ratios, clipping and the loss are all non-trivial.
         noise = np.random.default_rng(0).normal(0.0, 0.3, batch.old_logp.shape)
         batch = dataclasses.replace(batch, old_logp=(batch.old_logp + noise).astype(np.float32))
+        # Guided rows all in the first of 4 micro-batches (rows i::4): the guided-token
+        # means must not be diluted by the micro-batches that have none.
+        batch = dataclasses.replace(batch, guided=np.arange(8) % 4 == 0)
         batch = jax.tree.map(jnp.asarray, batch)
 
         @nnx.jit
@@ -178,6 +181,13 @@ class SharedLearnerTest(chex.TestCase):
             places=5,
         )
         self.assertEqual(float(micro_metrics["tokens/valid"]), float(batch.mask.sum()))
+        guided_tokens = float(batch.mask[::4].sum())
+        self.assertEqual(float(micro_metrics["tokens/guided"]), guided_tokens)
+        for name in ("guided/ratio_mean", "guided/clip_ratio/high", "guided/frac_tokens"):
+            self.assertAlmostEqual(
+                float(micro_metrics[name]), float(full_metrics[name]), places=5, msg=name
+            )
+        self.assertGreater(float(full_metrics["guided/ratio_mean"]), 0.5)
         self.assertAlmostEqual(float(full_metrics["loss"]), float(direct), places=5)
         self.assertGreater(abs(float(naive) - float(direct)), 1e-3)
 
@@ -208,6 +218,18 @@ class SharedLearnerTest(chex.TestCase):
         recomputed = self.learner.compute_logp(jnp.asarray(batch.tokens))[0]
         np.testing.assert_array_equal(prepared.old_logp[3:], recomputed[3:])
         self.assertFalse(np.allclose(batch.old_logp[3:], recomputed[3:]))
+
+    def test_a_step_without_gradient_leaves_the_state_alone(self):
+        """Zero advantages and no KL: a gradient of exactly zero. Adam would still move
+        the weights along its momentum (built by the update before); the step is skipped."""
+        learner = self.learner
+        learner.update(_batch(1), jax.random.key(0))
+        before = _everything(learner)
+        flat = learner.update(_batch(2, advantages=np.zeros(8, np.float32)), jax.random.key(1))
+        self.assertEqual((flat["zero_gradient"], flat["nonfinite"]), (2.0, 0.0))
+        for want, got in zip(before, _everything(learner), strict=True):
+            np.testing.assert_array_equal(got, want)
+        self.assertEqual(learner.update(_batch(1), jax.random.key(2))["zero_gradient"], 0.0)
 
     def test_nonfinite_steps_are_skipped_then_the_run_stops(self):
         learner = self.learner

@@ -345,8 +345,9 @@ def policy_loss(
       guided tokens it also measures the shift from the critique context),
       `kl` (k3 to the reference; only with ref_logp), `entropy` (only with
       entropy), `ratio/mean`, `tokens/valid`, `sequences/valid`, and with
-      `guided`: `guided/frac_tokens`, `guided/ratio_mean`, `guided/clip_ratio/high`,
-      `guided/clip_ratio/low` (fractions of valid guided tokens).
+      `guided`: `tokens/guided` (valid guided tokens), `guided/frac_tokens`,
+      `guided/ratio_mean`, `guided/clip_ratio/high`, `guided/clip_ratio/low`
+      (fractions of valid guided tokens).
     """
     config = make_settings(name, **settings)
     _check_inputs(logp, old_logp, advantages, mask, ref_logp, entropy, guided)
@@ -411,6 +412,7 @@ def policy_loss(
     if guided is not None:
         guided_mask = guided_tokens.astype(jnp.float32)
         unshaped = clipped_objective(ratio, advantages, config.eps_low, config.eps_high, None)[1]
+        metrics["tokens/guided"] = jnp.sum(guided_mask)
         metrics["guided/frac_tokens"] = _masked_mean(guided_mask, mask)
         metrics["guided/ratio_mean"] = _masked_mean(ratio, guided_mask)
         # Where the clip would be (clip) or would have been (shaped) active.

@@ -15,7 +15,8 @@ for DAPO's token-mean), so the accumulated gradient equals the full mini-batch's
 
 A step whose loss or gradients hold NaN/inf leaves parameters and optimizer state
 untouched (the old state is selected inside the jitted step) and reports
-`nonfinite=1`; after `max_consecutive_nonfinite` such steps in a row `Learner.update`
+`nonfinite=1`; so does a step whose gradient is exactly zero (no valid token with an
+advantage, no KL), which reports `zero_gradient=1` instead; after `max_consecutive_nonfinite` such steps in a row `Learner.update`
 raises `NonFiniteError` before the caller can checkpoint, so the last good checkpoint
 stays the latest.
 
@@ -55,7 +56,9 @@ from ctu.rl.optim import (
 from ctu.sampling.settings import SamplingConfig
 
 # Metrics that are sums over the micro-batches; all others are token-weighted means.
-_SUMMED_METRICS = ("loss", "tokens/valid", "sequences/valid")
+_SUMMED_METRICS = ("loss", "tokens/valid", "sequences/valid", "tokens/guided")
+# Means over the guided tokens only: a micro-batch weighs by its share of those.
+_GUIDED_MEANS = ("guided/ratio_mean", "guided/clip_ratio/high", "guided/clip_ratio/low")
 
 
 class NonFiniteError(RuntimeError):
@@ -274,10 +277,16 @@ def mini_batch_gradients(
         accumulate, zeros, _split_rows(mini, config.num_micro_batches)
     )
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    step_metrics = {
-        name: jnp.sum(values) if name in _SUMMED_METRICS else jnp.sum(values * weights)
-        for name, values in micro_metrics.items()
-    }
+    if "tokens/guided" in micro_metrics:
+        guided = micro_metrics["tokens/guided"]
+        guided_weights = guided / jnp.maximum(jnp.sum(guided), 1.0)
+
+    def combine(name, values):
+        if name in _SUMMED_METRICS:
+            return jnp.sum(values)
+        return jnp.sum(values * (guided_weights if name in _GUIDED_MEANS else weights))
+
+    step_metrics = {name: combine(name, values) for name, values in micro_metrics.items()}
     return grads, step_metrics
 
 
@@ -368,12 +377,18 @@ class Learner:
         mini = _constrain_rows(jax.tree.map(lambda x: x[rows], batch))
         grads, step_metrics = mini_batch_gradients(model, mini, self.config, prefix_len)
         finite = _all_finite(grads) & jnp.isfinite(step_metrics["loss"])
-        step_metrics["grad_norm"] = optax.tree.norm(grads)
+        grad_norm = optax.tree.norm(grads)
+        # No token with an advantage (or a KL to pay): nothing to learn. Adam would
+        # still move along its momentum and decay the weights; leave the state as it is.
+        zero = finite & (grad_norm == 0)
+        step_metrics["grad_norm"] = grad_norm
         step_metrics["learning_rate"] = self._schedule(optimizer.step[...])
         step_metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+        step_metrics["zero_gradient"] = zero.astype(jnp.float32)
         optimizer.update(model, grads)
         new_leaves, treedef = jax.tree.flatten(nnx.state((model, optimizer)))
-        new_state = jax.tree.unflatten(treedef, _select(finite, new_leaves, old_leaves))
+        applied = finite & ~zero
+        new_state = jax.tree.unflatten(treedef, _select(applied, new_leaves, old_leaves))
         return jax.lax.with_sharding_constraint(new_state, self._state_shardings), step_metrics
 
     # ----------------------------------------------------------------------- public
@@ -431,8 +446,9 @@ class Learner:
         on); they run once per forward. None measures it from host arrays on a single
         process, else 0 (on several hosts each sees only its rows: pass it explicitly).
 
-        Returns host metrics averaged over the updates, plus `nonfinite` (skipped
-        updates), `timing_s/update`, `perf/tokens_per_s` and `perf/mfu`.
+        Returns host metrics averaged over the updates, plus `nonfinite` (updates
+        skipped for a NaN/inf) and `zero_gradient` (updates skipped for a gradient of
+        exactly zero: no token with an advantage), `timing_s/update`, `perf/tokens_per_s` and `perf/mfu`.
         Raises NonFiniteError after `max_consecutive_nonfinite` skipped steps in a row.
         """
         config = self.config
@@ -473,12 +489,14 @@ class Learner:
                     "intact. Lower optim.learning_rate or inspect the batch."
                 )
         finite_rows = [row for row in step_metrics if not row["nonfinite"]] or step_metrics
+        counts = ("nonfinite", "zero_gradient", "tokens/valid", "sequences/valid", "tokens/guided")
         result: dict[str, float | None] = {
             name: float(np.mean([row[name] for row in finite_rows]))
             for name in finite_rows[0]
-            if name not in ("nonfinite", "tokens/valid", "sequences/valid")
+            if name not in counts
         }
         result["nonfinite"] = float(sum(row["nonfinite"] for row in step_metrics))
+        result["zero_gradient"] = float(sum(row["zero_gradient"] for row in step_metrics))
         tokens = batch.tokens.size * config.ppo_epochs
         result["timing_s/update"] = elapsed
         result["perf/tokens_per_s"] = tokens / elapsed
