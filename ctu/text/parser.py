@@ -32,7 +32,7 @@ from typing import Any
 
 from absl import logging
 
-from ctu.text import json_repair
+from ctu.text import chat_template, json_repair
 
 # Safety limits on untrusted input (they bound parsing work, not a length budget).
 MAX_INPUT_CHARS = 65536
@@ -338,6 +338,40 @@ def _function_schemas(tools: Sequence[dict] | None) -> dict[str, dict]:
     return schemas
 
 
+# Text the chat template would read as structure if a tool echoed it back: a special
+# token spelled out (JSON escapes such as "\\u003c|im_end|\\u003e" get past the cleaning
+# of the raw text), or markup the template wraps turns and calls in.
+_STRUCTURE = re.compile(
+    "|".join(
+        [_END_OF_TURN.pattern, _OTHER_SPECIAL.pattern]
+        + [re.escape(t) for t in chat_template.MARKUP_TOKENS]
+    )
+)
+
+
+def _unsafe_text_error(call: ToolCall) -> str | None:
+    """An error when a string in the call (its name, any key or value at any depth) could
+    change the conversation's structure once a tool echoes it into an observation or a
+    critique, or cannot be encoded (a lone UTF-16 surrogate from a JSON escape). The
+    text itself is not quoted back."""
+    stack: list = [call.name, call.arguments]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "a tool call may not hold invalid unicode (a lone surrogate)"
+            if _STRUCTURE.search(item):
+                return "a tool call may not spell out special tokens or chat markup"
+    return None
+
+
 def _validation_error(call: ToolCall, schemas: dict[str, dict]) -> str | None:
     import jsonschema
 
@@ -428,7 +462,7 @@ def _parse(text: Any, tools: Sequence[dict] | None, debug: bool) -> ParseResult:
     for raw in found.raw_calls[:MAX_CALLS]:
         call, error, repaired = _to_tool_call(raw)
         found.repaired |= repaired
-        error = error or _validation_error(call, schemas)
+        error = error or _unsafe_text_error(call) or _validation_error(call, schemas)
         if error is None:
             calls.append(call)
         else:
