@@ -194,17 +194,28 @@ def render_previous_attempts(
     def block(body: Sequence[str]) -> str:
         return "\n".join([OPEN_TAG, *intro, *body, CLOSE_TAG])
 
-    # Drop the oldest attempts (for "summary", the rarest critiques, which sort
-    # last) until the block fits; then, if one line alone is too long, cut it.
-    while len(lines) > 1 and count_tokens(block(lines)) > max_tokens:
+    # Drop the oldest attempts (for "summary", the rarest critiques, which sort last,
+    # keeping its header and one critique) until the block fits; then, if the last line
+    # left is too long alone, cut it.
+    keep = 2 if mode == "summary" else 1
+    while len(lines) > keep and count_tokens(block(lines)) > max_tokens:
         lines = lines[:-1] if mode == "summary" else lines[1:]
     if count_tokens(block(lines)) > max_tokens and count_tokens(block([""])) > max_tokens // 2:
         intro = []  # a tight budget is better spent on the critique than on the preamble
     if count_tokens(block(lines)) > max_tokens:
-        room = max_tokens - count_tokens(block([""]))
-        if room < 1:
-            return ""  # not even the tags fit
-        lines = [_truncate_to_tokens(lines[0], room, count_tokens)]
-        if count_tokens(block(lines)) > max_tokens:
-            return ""  # joining changed the token count at the seam; nothing safe fits
+        # The room a line has depends on how its tokens join the newline before it: cut
+        # to the room measured with an empty line, then by whatever the cut overshoots.
+        room = max_tokens - count_tokens(block([*lines[:-1], ""]))
+        while room >= 1:
+            cut = _truncate_to_tokens(lines[-1], room, count_tokens)
+            over = count_tokens(block([*lines[:-1], cut])) - max_tokens
+            if over <= 0:
+                # The line's label ("Attempt 2 (score 0.30):", "- (3x)") and at least
+                # one word of the critique, or nothing.
+                label_words = 2 if mode == "summary" else 4
+                if len(cut.split(" ")) <= label_words + 1:  # "..." is the last word
+                    break
+                return block([*lines[:-1], cut])
+            room -= over
+        return ""  # the tags and any part of a critique do not fit together
     return block(lines)

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ctu import feedback_guidance as fg
+from tests import toys
 
 
 def count_words(text: str) -> int:
@@ -99,6 +100,53 @@ def test_block_always_fits_the_token_budget(feedbacks, scores, mode, max_tokens,
         assert block.startswith(fg.OPEN_TAG) and block.endswith(fg.CLOSE_TAG)
     if max_tokens >= 64 and any(a.score < 1.0 for a in attempts):
         assert block, "a generous budget must keep at least part of a critique"
+
+
+@pytest.fixture(scope="module")
+def real_critiques():
+    """Rule-based critiques of the heuristic's failures on shipped train tasks."""
+    from ctu.world import agents
+    from ctu.world.env import Environment
+
+    world = toys.shipped_world()
+    env, critiques = Environment(world, seed=0), []
+    for i, task in enumerate(world.split("train")[:60]):
+        policy, obs = agents.Heuristic(seed=i), env.reset(task.task_id)
+        policy.reset(task.task_id, obs)
+        while not (step := env.step(policy.act(obs))).done:
+            obs = step.observation
+        if step.info["score"] < 1:
+            critiques.append(
+                fg.Attempt(len(critiques) + 1, step.info["score"], step.info["feedback"])
+            )
+    assert len(critiques) >= 3
+    return critiques[:3]
+
+
+@pytest.mark.parametrize("mode", fg.ACCUMULATION_MODES)
+def test_real_critiques_under_a_bpe_tokenizer_are_cut_not_dropped(real_critiques, mode):
+    """With a BPE tokenizer a line's tokens depend on the newline before it ("\\n\\n" is
+    one token, "\\n" + "A" two): every budget that holds a block gets one within budget,
+    a larger budget never loses it, and it always holds part of a critique (in
+    "summary", not the header alone)."""
+    tokenizer = toys.tiny_tokenizer()
+
+    def count(text):
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    first_word = {a.feedback.split()[0] for a in real_critiques}
+    had_block = False
+    for budget in range(40, 2 + count("".join(a.feedback for a in real_critiques)) * 2, 7):
+        block = fg.render_previous_attempts(
+            real_critiques, mode=mode, max_tokens=budget, count_tokens=count
+        )
+        assert count(block) <= budget
+        assert block or not had_block, f"budget {budget} lost the block a smaller one had"
+        if block:
+            had_block = True
+            body = block.split("\n")[-2]  # the last line before the closing tag
+            assert any(body.split(" ", 3)[-1].startswith(w) or w in body for w in first_word), body
+    assert had_block
 
 
 @pytest.mark.parametrize(
