@@ -194,6 +194,13 @@ def settings_from_config(config) -> RunSettings:
         "guided_objective": fg.guided_objective,
         "shaping_gamma": fg.shaping_gamma,
     }
+    if alg.loss == "dr_grpo":
+        # Dr. GRPO divides each rollout's token sum by a constant generation budget, not
+        # the batch's padded length (which changes with every batch): the most tokens a
+        # rollout can sample.
+        loss_settings["max_length"] = min(
+            roll.max_turns * roll.max_new_tokens, roll.max_total_tokens
+        )
     if alg.learner_support not in LEARNER_SUPPORTS:
         raise ValueError(
             f"algorithm.learner_support={alg.learner_support!r}: choose one of "

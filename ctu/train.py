@@ -309,8 +309,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), settings.checkpoint)
     resuming = checkpointer.latest_step() is not None
 
-    # Warm start (skipped when resuming: the checkpoint holds the trained policy).
-    model = s.model if resuming or not settings.warm_start.enable else _warm_start(s)
+    # Warm start. A resumed run's policy comes from its checkpoint, but a loss with a KL
+    # term copies its reference from the model the learner is built on: the policy RL
+    # began from, so the warm start again (reused from the workdir, not retrained).
+    warm = settings.warm_start.enable and (not resuming or settings.train.needs_reference)
+    model = _warm_start(s) if warm else s.model
     learner = Learner(settings.train, model, s.mesh)
 
     # Restore.

@@ -34,6 +34,38 @@ def test_every_config_reads_into_valid_settings(module, variant):
     assert settings.rollout.groups.num_rollouts == module.get_config(variant).rollout.group_size
 
 
+def test_dr_grpo_divides_by_the_rollout_budget_whatever_the_padding():
+    """Dr. GRPO's normaliser is a constant generation budget: the most tokens a rollout
+    can sample, not the batch's padded length, so padding a batch changes nothing."""
+    from ctu.rl import losses
+
+    config = feedback_dapo.get_config()
+    config.algorithm.loss = "dr_grpo"
+    settings = run_config.settings_from_config(config)
+    roll = config.rollout
+    budget = min(roll.max_turns * roll.max_new_tokens, roll.max_total_tokens)
+    assert settings.train.loss_settings["max_length"] == budget
+    rng = np.random.default_rng(0)
+    logp = rng.normal(-2, 0.1, (4, 100)).astype(np.float32)
+    mask = np.zeros((4, 100), np.float32)
+    mask[:, 20:60] = 1
+    advantages = np.array([1.0, 1.0, 0.5, -0.5], np.float32)
+
+    def loss(length):
+        pad = ((0, 0), (0, length - 100))
+        return losses.policy_loss(
+            "dr_grpo",
+            logp=np.pad(logp, pad),
+            old_logp=np.pad(logp - 0.05, pad),
+            advantages=advantages,
+            mask=np.pad(mask, pad),
+            **settings.train.loss_settings,
+        )[0]
+
+    assert float(loss(128)) == pytest.approx(float(loss(256)), rel=1e-6)
+    assert float(loss(128)) != 0.0
+
+
 def test_baseline_differs_from_feedback_only_in_feedback():
     def flat(config):
         return dict(_flatten(config.to_dict()))
@@ -476,6 +508,28 @@ def test_smoke_run_resumes_from_its_workdir(smoke_run):
     train_rows = [row["step"] for row in rows if "loss" in row]
     assert train_rows == [1, 2, 3]  # step 3 only was added; nothing repeated
     assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))
+
+
+def test_a_resumed_run_keeps_the_warm_start_as_its_kl_reference(tmp_path, monkeypatch):
+    """GRPO pays a KL to the policy RL began from. A resumed run restores the policy from
+    its checkpoint, and its reference must still be the warm start, not the untrained
+    model the workdir's run was set up with."""
+    references = []
+
+    class Recording(train.Learner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            references.append([np.asarray(x) for x in jax.tree.leaves(self.reference)])
+
+    monkeypatch.setattr(train, "Learner", Recording)
+    config = grpo.get_config("smoke")
+    config.total_steps = 1
+    train.train_and_evaluate(config, str(tmp_path))
+    config.total_steps = 2
+    train.train_and_evaluate(config, str(tmp_path))
+    assert len(references) == 2
+    for fresh, resumed in zip(*references, strict=True):
+        np.testing.assert_array_equal(resumed, fresh)
 
 
 def test_smoke_run_of_a_plain_model_without_the_copy_task(tmp_path):
