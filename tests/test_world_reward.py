@@ -416,6 +416,28 @@ def test_critiques_show_the_corrected_arguments_as_json(world, env):
     assert shown["form"] >= 60 and shown["calls"] >= 80 and shown["named"] >= 5, shown
 
 
+def test_needless_calls_feedback_counts_what_was_wasted(world, env):
+    """The critique of needless calls counts the failed calls and the searches after the
+    company was found, each as what it is."""
+    task = _task(world, 1)
+    proper = _proper(world, task)
+    _run(env, task, [proper[0], proper[0], *proper[1:]])
+    result = env.episode
+    scored = reward.compute_score_with_feedback(task, world, result)
+    assert scored.failure_type == "needless_calls", scored
+    assert scored.feedback.startswith("You made 1 search(es) after the company was found;")
+    assert "phone call(s)" not in scored.feedback
+    wrong = next(
+        d
+        for d in world.departments
+        if d not in {r.department_id for r in task.requests}
+        and world.department_company[d] == task.company_id
+    )
+    _run(env, task, [*proper[:2], _call(world, wrong, {}), *proper[2:]])
+    scored = reward.compute_score_with_feedback(task, world, env.episode)
+    assert "1 phone call(s) that achieved nothing" in scored.feedback, scored.feedback
+
+
 # ---- LLM feedback through a fake OpenAI-compatible server ------------------------------
 
 
@@ -445,3 +467,9 @@ def test_llm_feedback_uses_endpoint_then_cache_and_falls_back(world, env, tmp_pa
     offline = feedback.LLMFeedback(base, "fake", cache_dir=str(tmp_path / "other"), timeout_s=1)
     fallback = reward.compute_score_with_feedback(task, world, env.episode, enhancer=offline)
     assert fallback.feedback == plain.feedback
+    # So does one that answers without text ("content": null, or only whitespace).
+    for empty in (None, "  "):
+        with toys.fake_completions(empty) as (base, _):
+            silent = feedback.LLMFeedback(base, "fake", cache_dir=str(tmp_path / repr(empty)))
+            scored = reward.compute_score_with_feedback(task, world, env.episode, enhancer=silent)
+        assert scored.feedback == plain.feedback

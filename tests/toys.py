@@ -406,7 +406,7 @@ def oracle_script(world, *, first_turns=(), fail_unless_guided: bool = False):
 
 
 @contextlib.contextmanager
-def fake_completions(reply: str):
+def fake_completions(reply: str | None):
     """Serves `reply` to every POST on a local port; yields (base_url, requests), the
     JSON bodies received so far."""
     requests = []

@@ -41,6 +41,7 @@ class FeedbackContext:
     served: frozenset
     invalid: tuple  # error messages of malformed calls
     penalties: Mapping[str, float]  # failure type -> penalty, only those > 0
+    needless_searches: int = 0  # searches after the task's company was found
 
 
 def _fields(fields) -> str:
@@ -171,9 +172,12 @@ def _oversharing(ctx):
 
 def _needless_calls(ctx):
     failed = sum(c.status != "served" for c in ctx.calls)
+    wasted = [f"{failed} phone call(s) that achieved nothing"] if failed else []
+    if ctx.needless_searches:
+        wasted.append(f"{ctx.needless_searches} search(es) after the company was found")
     return (
-        f"You made {failed} phone call(s) or repeated searches that achieved nothing; plan "
-        "the calls from the search result and call each department once."
+        f"You made {' and '.join(wasted) or 'calls that achieved nothing'}; plan the calls "
+        "from the search result and call each department once."
     )
 
 
@@ -373,7 +377,8 @@ class LLMFeedback:
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         with urllib.request.urlopen(req, timeout=self.timeout_s) as response:
             reply = json.loads(response.read().decode("utf-8"))
-        text = reply["choices"][0]["message"]["content"].strip()
-        if not text:
-            raise ValueError("empty completion")
+        text = reply["choices"][0]["message"]["content"]
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"no text in the completion: {text!r:.80}")
+        text = text.strip()
         return text

@@ -230,6 +230,7 @@ def compute_score_with_feedback(
         served=frozenset(served),
         invalid=tuple(s.invalid),
         penalties={k: v for k, v in penalties.items() if v > 0},
+        needless_searches=s.needless_searches,
     )
     parts = feedback.critique(context)
     text = parts.text() if enhancer is None else parts.rewritten(enhancer, trajectory)
