@@ -438,6 +438,27 @@ def test_needless_calls_feedback_counts_what_was_wasted(world, env):
     assert "1 phone call(s) that achieved nothing" in scored.feedback, scored.feedback
 
 
+def test_missing_auth_names_the_fields_this_user_can_give(world, env):
+    """A level-4 user lacks a field of the department's primary auth set. A call with only
+    the fields both sets share is refused for the primary set's missing field (the closest
+    set); the critique names the alternate set's field, which the user has."""
+    tasks = [t for t in world.split("train") if t.level == 4][:10]
+    assert tasks
+    for task in tasks:
+        department = world.departments[task.requests[0].department_id]
+        user = world.users[task.user_id]
+        shared = [f for f in department.auth_fields if f in department.alternate_auth_fields]
+        usable = data.auth_set_for(department, user)
+        call = _call(world, task.requests[0].department_id, {f: user.values[f] for f in shared})
+        _run(env, task, [_search(world, task), _form(task.required_auth_fields), call])
+        scored = reward.compute_score_with_feedback(task, world, env.episode)
+        prose = scored.feedback.split(" The calls:")[0]
+        assert scored.failure_type == "missing_auth", scored
+        lacking = [f for f in department.auth_fields if not user.has(f)]
+        assert lacking and not any(f in prose for f in lacking), prose
+        assert all(f in prose for f in usable if f not in shared), prose
+
+
 # ---- LLM feedback through a fake OpenAI-compatible server ------------------------------
 
 

@@ -92,8 +92,15 @@ def _missing_auth(ctx):
     missing = needed - ctx.collected
     call = _last_failed_call(ctx)
     if not missing and call is not None and call.auth is not None and call.auth.missing:
+        # The phone asks for the missing fields of the auth set closest to what was
+        # passed, which may be one this user cannot complete: name what is missing from
+        # the set the user has (`data.auth_set_for`), as the calls' JSON does.
+        department = ctx.world.departments[call.department_id]
+        usable = data.auth_set_for(department, ctx.world.users[ctx.task.user_id])
+        passed = (set(call.auth.used_set) - set(call.auth.missing)) | set(call.auth.extra)
+        lacked = [f for f in usable if f not in passed] or call.auth.missing
         return (
-            f"Your call to {_dept(ctx, call.department_id)} lacked {_fields(call.auth.missing)}; "
+            f"Your call to {_dept(ctx, call.department_id)} lacked {_fields(lacked)}; "
             "pass every field the department requires in auth_info."
         )
     if not missing:
