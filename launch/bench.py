@@ -13,6 +13,7 @@ import json
 from absl import app, flags
 
 from ctu.backend import add_cpu_xla_flags, cpu_cores
+from ctu.world.evaluation import check_output_path
 
 BENCHMARKS = ("env", "feedback_update", "sampler", "train_step")
 
@@ -24,6 +25,10 @@ def main(argv):
         raise app.UsageError(
             f"usage: python -m launch.bench {{{'|'.join(BENCHMARKS)}}} --out=FILE.json"
         )
+    try:
+        check_output_path(_OUT.value)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
     module = importlib.import_module(f"ctu.bench.{argv[1]}")  # opens no JAX backend
     per_core = getattr(module, "ONE_CPU_DEVICE_PER_CORE", False)
     add_cpu_xla_flags(devices=cpu_cores() if per_core else 0)  # before any backend opens

@@ -73,6 +73,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     add_cpu_xla_flags(devices=cpu_cores())  # before JAX opens its CPU backend
     try:
+        evaluation.check_output_path(_OUT.value)  # before the evaluation, not after it
         critic = None
         if (_LLM_BASE_URL.value is None) != (_LLM_MODEL.value is None):
             raise ValueError("--llm_base_url and --llm_model go together: give both or neither")

@@ -23,7 +23,7 @@ import sys
 from absl import app, flags, logging
 
 from ctu.analysis import grad_noise
-from ctu.world.evaluation import write_json_atomic
+from ctu.world.evaluation import check_output_path, write_json_atomic
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A launch.train run's workdir.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the warm start).")
@@ -43,7 +43,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _GROUPS.value < 2:
         raise app.UsageError(f"--groups={_GROUPS.value}: need at least 2 to estimate a spread")
+    name = "warm_start" if _STEP.value is None else str(_STEP.value)
+    out = _OUT.value or os.path.join(_WORKDIR.value, f"grad_noise_{name}.json")
     try:
+        check_output_path(out)
         result = grad_noise.measure(
             _WORKDIR.value,
             step=_STEP.value,
@@ -55,8 +58,6 @@ def main(argv):
         )
     except (FileNotFoundError, RuntimeError, ValueError) as error:  # PolicySpecError too
         sys.exit(f"launch.grad_noise: {error}")
-    name = "warm_start" if _STEP.value is None else str(_STEP.value)
-    out = _OUT.value or os.path.join(_WORKDIR.value, f"grad_noise_{name}.json")
     write_json_atomic(out, result)
     summary = {k: v for k, v in result.items() if k != "disjoint_update_cosines"}
     print(json.dumps(summary, indent=1))

@@ -41,8 +41,12 @@ def main(argv):
     add_cpu_xla_flags()  # before any backend opens
     from ctu.analysis import induction
     from ctu.models import ModelConfig
-    from ctu.world.evaluation import write_json_atomic
+    from ctu.world.evaluation import check_output_path, write_json_atomic
 
+    try:
+        check_output_path(_OUT.value)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
     model_config = ModelConfig.preset(_MODEL.value)
     if _QK_NORM.value != "preset":
         model_config = dataclasses.replace(model_config, qk_norm=_QK_NORM.value == "on")

@@ -4,6 +4,8 @@ Writes companies.json, user_profiles.json and {train,val,test}_tasks.jsonl; the
 same seed gives byte-identical files.
 """
 
+import os
+
 from absl import app, flags
 
 from ctu.world import generate, schema
@@ -14,6 +16,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Random seed of the world.")
 
 def main(argv):
     del argv
+    if os.path.exists(_OUT.value) and not os.path.isdir(_OUT.value):
+        raise app.UsageError(f"--out={_OUT.value} is a file; give a directory to write into")
     paths = generate.write_world(_OUT.value, _SEED.value)
     errors = schema.validate_world(_OUT.value)
     if errors:  # a generator bug; say so loudly rather than ship a bad world

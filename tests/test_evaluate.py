@@ -143,6 +143,7 @@ def test_cli_writes_valid_json(tmp_path):
         (["--data=/no/such/world"], "launch.make_data"),
         (["--policy=genius"], "--policy"),
         (["--mode=hint"], "--mode"),
+        (["--out=/tmp"], "is a directory"),
     ],
 )
 def test_cli_user_errors_exit_nonzero_with_a_message(tmp_path, args, message):
@@ -153,3 +154,23 @@ def test_cli_user_errors_exit_nonzero_with_a_message(tmp_path, args, message):
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_an_output_path_that_cannot_be_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    evaluation.check_output_path(str(tmp_path / "new" / "deeper" / "out.json"))  # made later
+    for bad, message in [
+        (tmp_path, "is a directory"),
+        (tmp_path / "afile" / "out.json", "is a file, not a directory"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            evaluation.check_output_path(str(bad))
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.make_data", f"--out={tmp_path / 'afile'}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "is a file; give a directory" in proc.stderr
+    assert (tmp_path / "afile").read_text() == "x"

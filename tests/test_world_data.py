@@ -173,11 +173,29 @@ def _break(records, kind):
     if kind == "missing_key":
         del r["users"][12]["behavior"]
         return r, ("user_profiles.json[12]", "(U0012)", "behavior")
+    if kind == "missing_fields":
+        i = next(i for i, u in enumerate(r["users"]) if u["missing_fields"])
+        r["users"][i]["missing_fields"] = []
+        return r, (f"user_profiles.json[{i}]", f"({r['users'][i]['user_id']})", "missing_fields")
+    if kind == "duplicate_user":
+        r["users"].append(dict(r["users"][0], name="Someone Else"))
+        last = len(r["users"]) - 1
+        return r, (f"user_profiles.json[{last}]", f"({r['users'][0]['user_id']})", "user_id")
     raise AssertionError(kind)
 
 
 @pytest.mark.parametrize(
-    "kind", ["phone", "user_ref", "required", "level", "prerequisite", "missing_key"]
+    "kind",
+    [
+        "phone",
+        "user_ref",
+        "required",
+        "level",
+        "prerequisite",
+        "missing_key",
+        "missing_fields",
+        "duplicate_user",
+    ],
 )
 def test_validator_names_file_record_and_field(records, tmp_path, kind):
     broken, expected = _break(records, kind)

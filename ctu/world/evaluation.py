@@ -442,6 +442,19 @@ def evaluate_and_write(
     return metrics
 
 
+def check_output_path(path: str) -> None:
+    """A ValueError now, before any work, when `path` cannot become a file: it is a
+    directory, or a file stands where one of its parent directories would be."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"--out={path} is a directory; give a file path such as {path}/out.json")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out={path}: {parent} is a file, not a directory")
+
+
 def write_json_atomic(path: str, payload: dict) -> None:
     """Writes JSON to a temp file in the same directory, then renames it into place."""
     directory = os.path.dirname(os.path.abspath(path))

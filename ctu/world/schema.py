@@ -198,6 +198,9 @@ def validate_world(data_dir) -> list[WorldError]:
     records, errors = read_world_records(data_dir)
     if errors:  # cross-references assume well-formed records
         return errors
+    user_errors = _check_users(records["users"])
+    if user_errors:  # the task checks build the users
+        return _check_companies(records["companies"]) + user_errors
     return _check_companies(records["companies"]) + _check_tasks(records)
 
 
@@ -236,6 +239,27 @@ def _check_companies(companies: list[dict]) -> list[WorldError]:
                 err(f"{at}.alternate_auth_fields", "must differ from auth_fields (or be empty)")
         if not errors and _has_cycle(c["departments"]):
             err("departments", "prerequisites form a cycle")
+    return errors
+
+
+def _check_users(users: list[dict]) -> list[WorldError]:
+    file, errors, seen = data.FILE_NAMES["users"], [], set()
+    for i, u in enumerate(users):
+        uid = u["user_id"]
+        if uid in seen:
+            errors.append(WorldError(file, i, uid, "user_id", "duplicate user_id"))
+        seen.add(uid)
+        lacking = sorted(f for f in data.AUTH_FIELDS if u[f] is None)
+        if lacking != sorted(u["missing_fields"]):
+            errors.append(
+                WorldError(
+                    file,
+                    i,
+                    uid,
+                    "missing_fields",
+                    f"must list the fields whose value is null: {lacking}",
+                )
+            )
     return errors
 
 
