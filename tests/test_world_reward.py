@@ -459,6 +459,24 @@ def test_missing_auth_names_the_fields_this_user_can_give(world, env):
         assert all(f in prose for f in usable if f not in shared), prose
 
 
+def test_a_pending_request_is_what_the_critique_names_first(world, env):
+    """Level 3: the second department called first (refused: its prerequisite), then the
+    first served, then a report. The score counts the served request less the failed
+    call; the failure is the unfinished request, named, with the failed call as a note."""
+    task = next(t for t in world.split("train") if t.level == 3)
+    first, second = (r.department_id for r in task.requests)
+    calls = [_call(world, d, _auth(world, task, d)) for d in (second, first)]
+    _run(env, task, [_search(world, task), _form(task.required_auth_fields), *calls])
+    scored = reward.compute_score_with_feedback(task, world, env.episode)
+    assert scored.failure_type == "incomplete", scored
+    assert 0 < scored.score < 1
+    assert scored.feedback.startswith(
+        f"You stopped before finishing: {world.companies[task.company_id].name}"
+    )
+    assert world.departments[second].phone_number in scored.feedback.split(" The calls:")[0]
+    assert "Also: You made 1 phone call(s) that achieved nothing" in scored.feedback
+
+
 # ---- LLM feedback through a fake OpenAI-compatible server ------------------------------
 
 

@@ -200,7 +200,9 @@ def _failure_type(task, s: _Summary, completed: bool, penalties: dict) -> str:
             # agent got wrong is the number it dialled, not the fields it passed.
             return WRONG_DEPARTMENT
         return _CALL_FAILURES[last.status]
-    return next((k for k, v in penalties.items() if v > 0), INCOMPLETE)
+    # Nothing failed since the last served call, yet requests are pending: that is what
+    # to fix first (the critique names them); penalties follow as notes.
+    return INCOMPLETE
 
 
 def compute_score_with_feedback(
