@@ -106,6 +106,11 @@ class GroupAdvantagesTest(parameterized.TestCase):
             )
         with self.assertRaises(AssertionError):
             advantages.group_advantages("grpo", np.zeros(4))  # flat without group_ids
+        ids = np.array([0, 0, 1, 1, 2, 2], np.int32)
+        with self.assertRaisesRegex(ValueError, r"group_ids span 0\.\.2 but num_groups=2"):
+            advantages.group_advantages("rloo", np.arange(6.0), group_ids=ids, num_groups=2)
+        with self.assertRaisesRegex(ValueError, "span -1"):
+            advantages.group_advantages("rloo", np.arange(6.0), group_ids=ids - 1, num_groups=3)
 
 
 if __name__ == "__main__":

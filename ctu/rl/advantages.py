@@ -170,6 +170,14 @@ def group_advantages(
             if isinstance(group_ids, jax.core.Tracer):
                 raise ValueError("Under jit, pass num_groups (static) together with group_ids.")
             num_groups = int(np.max(group_ids)) + 1 if np.size(group_ids) else 0
+        elif not isinstance(group_ids, jax.core.Tracer) and np.size(group_ids):
+            low, high = int(np.min(group_ids)), int(np.max(group_ids))
+            if low < 0 or high >= num_groups:
+                raise ValueError(
+                    f"group_ids span {low}..{high} but num_groups={num_groups}: each id "
+                    "must be in [0, num_groups) (a row outside would take another group's "
+                    "statistics)"
+                )
         ids, flat = jnp.asarray(group_ids), rewards
     groups = Groups(ids=ids, num_groups=num_groups)
     advantages = _ESTIMATORS[name].fn(flat, groups, config)
