@@ -275,6 +275,11 @@ def test_an_older_runs_config_gets_the_settings_added_since_with_a_warning(tmp_p
     with caplog.at_level("WARNING"):
         assert policy_loading.read_run_config(str(tmp_path)).to_dict() == config.to_dict()
     assert "predates" not in caplog.text
+    # The defaults are those of the run's model preset (the tiny preset's smear is 6).
+    qwen = feedback_dapo.get_config("model=qwen3_0p6b").to_dict()
+    del qwen["model"]["smear"]
+    (tmp_path / "config.json").write_text(json.dumps(qwen))
+    assert policy_loading.read_run_config(str(tmp_path)).model.smear == 0
 
 
 def test_compare_reads_the_run_and_its_evaluation(run_dir, feedback_eval, tmp_path):

@@ -154,7 +154,8 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
         config = ml_collections.ConfigDict(json.load(f))
     from configs import feedback_dapo  # every shipped config is feedback_dapo's, changed
 
-    added = _add_missing(config, feedback_dapo.get_config())
+    preset = config.get("model", {}).get("preset")  # a preset's defaults (e.g. its smear)
+    added = _add_missing(config, feedback_dapo.get_config(f"model={preset}" if preset else None))
     if added:
         logging.warning(
             "%s predates settings this version of ctu reads; they take their defaults, "
