@@ -162,6 +162,7 @@ def test_an_output_path_that_cannot_be_a_file_is_refused_before_any_work(tmp_pat
     for bad, message in [
         (tmp_path, "is a directory"),
         (tmp_path / "afile" / "out.json", "is a file, not a directory"),
+        (f"{tmp_path}/not_yet/", "names a directory"),
     ]:
         with pytest.raises(ValueError, match=message):
             evaluation.check_output_path(str(bad))

@@ -340,6 +340,27 @@ class TrainableTest(chex.TestCase):
             _learner(_mesh(), optim=OptimConfig(trainable="lm_head"))
 
 
+class GuidedMetricsTest(chex.TestCase):
+    def test_guided_means_do_not_depend_on_how_the_batch_is_split(self):
+        """Guided rows all in the first of two mini-batches: the second has no guided
+        token, and must not pull the guided means towards 0."""
+        mesh = _mesh()
+        guided = np.arange(8) < 4
+        results = []
+        for mini_batches in (1, 2):
+            learner = _learner(
+                mesh,
+                num_mini_batches=mini_batches,
+                num_micro_batches=1,
+                optim=OptimConfig(learning_rate=1e-9, eps=1e-3),
+            )
+            results.append(learner.update(_batch(0, guided=guided), jax.random.key(0)))
+        whole, split = results
+        self.assertGreater(whole["guided/ratio_mean"], 0.5)
+        for name in ("guided/ratio_mean", "guided/clip_ratio/high", "guided/clip_ratio/low"):
+            self.assertAlmostEqual(split[name], whole[name], places=3, msg=name)
+
+
 class ConfigTest(absltest.TestCase):
     def test_warmup_then_constant_or_cosine(self):
         constant = learning_rate_schedule(OptimConfig(learning_rate=1.0, warmup_steps=4))

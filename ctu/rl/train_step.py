@@ -15,10 +15,11 @@ for DAPO's token-mean), so the accumulated gradient equals the full mini-batch's
 
 A step whose loss or gradients hold NaN/inf leaves parameters and optimizer state
 untouched (the old state is selected inside the jitted step) and reports
-`nonfinite=1`; so does a step whose gradient is exactly zero (no valid token with an
-advantage, no KL), which reports `zero_gradient=1` instead; after `max_consecutive_nonfinite` such steps in a row `Learner.update`
+`nonfinite=1`; after `max_consecutive_nonfinite` such steps in a row `Learner.update`
 raises `NonFiniteError` before the caller can checkpoint, so the last good checkpoint
-stays the latest.
+stays the latest. A step whose gradient is exactly zero (no valid token with an
+advantage, no KL) also leaves the state untouched, Adam's momentum included, and
+reports `zero_gradient=1`; it is not a failure and does not count towards the stop.
 
 Platform, XLA:CPU flags and multi-host start-up: ctu.backend.
 """
@@ -490,10 +491,16 @@ class Learner:
                 )
         finite_rows = [row for row in step_metrics if not row["nonfinite"]] or step_metrics
         counts = ("nonfinite", "zero_gradient", "tokens/valid", "sequences/valid", "tokens/guided")
+        guided = np.array([row.get("tokens/guided", 0.0) for row in finite_rows])
+
+        def mean(name):
+            values = [row[name] for row in finite_rows]
+            if name in _GUIDED_MEANS:  # over guided tokens: weigh steps by theirs
+                return float(np.dot(values, guided) / max(guided.sum(), 1.0))
+            return float(np.mean(values))
+
         result: dict[str, float | None] = {
-            name: float(np.mean([row[name] for row in finite_rows]))
-            for name in finite_rows[0]
-            if name not in counts
+            name: mean(name) for name in finite_rows[0] if name not in counts
         }
         result["nonfinite"] = float(sum(row["nonfinite"] for row in step_metrics))
         result["zero_gradient"] = float(sum(row["zero_gradient"] for row in step_metrics))

@@ -445,6 +445,8 @@ def evaluate_and_write(
 def check_output_path(path: str) -> None:
     """A ValueError now, before any work, when `path` cannot become a file: it is a
     directory, or a file stands where one of its parent directories would be."""
+    if path.endswith(("/", os.sep)):
+        raise ValueError(f"--out={path} names a directory; give a file path such as {path}out.json")
     path = os.path.abspath(path)
     if os.path.isdir(path):
         raise ValueError(f"--out={path} is a directory; give a file path such as {path}/out.json")
