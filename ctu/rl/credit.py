@@ -23,6 +23,10 @@ With Phi = 0 and rollouts of equal length this is the episode estimator exactly.
 (n - 1) / n of it (each rollout is 1/n of its own baseline). Under "grpo" a group whose
 rewards are all equal gets zeros (no spread to divide by); under the others its turns
 may still differ in what they gained (DAPO's dynamic sampling drops such groups).
+These statements assume a group's rollouts are independent draws, as without feedback.
+A feedback-guided rollout reads critiques of earlier rollouts of its group, so it is not
+independent of the others in its baseline; there they hold only approximately (the same
+holds for the episode estimators, `ctu.rl.advantages`).
 """
 
 from __future__ import annotations
