@@ -120,7 +120,7 @@ def check_trainable(config: OptimConfig, model: nnx.Module) -> None:
     lists the paths there are."""
     if jax.tree.leaves(nnx.state(model, trainable_filter(config))):
         return
-    paths = [param_path(path) for path, _ in nnx.iter_graph(model) if isinstance(_, nnx.Param)]
+    paths = [param_path(p) for p, node in nnx.iter_graph(model) if isinstance(node, nnx.Param)]
     raise ValueError(
         f"optim.trainable={config.trainable!r} matches none of the model's parameters, so "
         f"nothing would be trained; its paths: {', '.join(paths[:12])}"
@@ -131,10 +131,6 @@ def check_trainable(config: OptimConfig, model: nnx.Module) -> None:
 def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
     """clip_by_global_norm, then AdamW on the scheduled learning rate (over the
     parameters `trainable_filter` selects: build the `nnx.Optimizer` with it as `wrt`)."""
-    return _adamw(config)
-
-
-def _adamw(config: OptimConfig) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(config.max_grad_norm),
         optax.adamw(

@@ -278,9 +278,8 @@ def mini_batch_gradients(
         accumulate, zeros, _split_rows(mini, config.num_micro_batches)
     )
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    if "tokens/guided" in micro_metrics:
-        guided = micro_metrics["tokens/guided"]
-        guided_weights = guided / jnp.maximum(jnp.sum(guided), 1.0)
+    guided = micro_metrics.get("tokens/guided")  # present with the guided means
+    guided_weights = None if guided is None else guided / jnp.maximum(jnp.sum(guided), 1.0)
 
     def combine(name, values):
         if name in _SUMMED_METRICS:

@@ -38,6 +38,11 @@ class AuthCheck(NamedTuple):
     wrong: tuple[str, ...]  # fields given with a value that does not match the user
     extra: tuple[str, ...]  # fields given that used_set does not need
 
+    @property
+    def given(self) -> set[str]:
+        """The fields the call passed."""
+        return (set(self.used_set) - set(self.missing)) | set(self.extra)
+
 
 class CompanyDirectory:
     """Read-only lookups over a world's companies."""

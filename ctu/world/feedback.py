@@ -97,8 +97,7 @@ def _missing_auth(ctx):
         # the set the user has (`data.auth_set_for`), as the calls' JSON does.
         department = ctx.world.departments[call.department_id]
         usable = data.auth_set_for(department, ctx.world.users[ctx.task.user_id])
-        passed = (set(call.auth.used_set) - set(call.auth.missing)) | set(call.auth.extra)
-        lacked = [f for f in usable if f not in passed] or call.auth.missing
+        lacked = [f for f in usable if f not in call.auth.given] or call.auth.missing
         return (
             f"Your call to {_dept(ctx, call.department_id)} lacked {_fields(lacked)}; "
             "pass every field the department requires in auth_info."

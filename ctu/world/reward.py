@@ -136,17 +136,13 @@ def _summarize(task: data.Task, world: data.World, steps) -> _Summary:
             s.collected.update(o.provided)
         elif isinstance(o, phone.CallResult):
             s.calls.append(o)
-            if o.auth is not None and not _given_fields(o.auth) <= s.collected:
+            if o.auth is not None and not o.auth.given <= s.collected:
                 s.uncollected_calls += 1
             if o.department_id and world.department_company[o.department_id] == task.company_id:
                 s.company_found = True
         elif isinstance(o, Invalid):
             s.invalid.append(o.reason)
     return s
-
-
-def _given_fields(auth) -> set:
-    return (set(auth.used_set) - set(auth.missing)) | set(auth.extra)
 
 
 def _penalties(task: data.Task, s: _Summary, reported: bool, completed: bool) -> dict:
