@@ -15,7 +15,7 @@ from ctu.models import shared_prefix
 from ctu.rl import train_step
 from ctu.rl.optim import OptimConfig
 from ctu.sampling import SamplingConfig, Session
-from ctu.sampling.filters import sampling_logprobs, support_floor
+from ctu.sampling.filters import sample_tokens, sampling_logprobs, support_floor
 from tests import toys
 
 FILTERS = [
@@ -33,6 +33,28 @@ def test_the_floor_bounds_the_sampling_support(config):
     scaled = np.asarray(logits / config.temperature)
     np.testing.assert_array_equal(scaled > np.asarray(floor)[:, None], support)
     assert 1 <= support.sum(1).min() and support.sum(1).max() < 300
+
+
+@pytest.mark.parametrize("config", FILTERS, ids=str)
+def test_ties_at_the_cut_leave_the_sampler_and_the_floor_in_agreement(config):
+    """Logits on a coarse grid tie at the top-k / top-p cut. The tied tokens are all
+    left out, so the floor still separates kept from left out; the sampled tokens'
+    reported log-probs are what a learner holding the floor computes."""
+    logits = jnp.round(jax.random.normal(jax.random.key(3), (256, 40)) * 3.0) / 2.0
+    floor = np.asarray(support_floor(logits, config))
+    support = np.isfinite(np.asarray(sampling_logprobs(logits, config)))
+    scaled = np.asarray(logits / config.temperature)
+    above = scaled > floor[:, None]
+    alone = ~above.any(1)  # every candidate tied: the likeliest token alone
+    np.testing.assert_array_equal(support[~alone], above[~alone])
+    assert np.all(support[alone].sum(1) == 1)
+    np.testing.assert_array_equal(np.argmax(support[alone], 1), np.argmax(scaled[alone], 1))
+    if config.top_k:
+        assert (support.sum(1) < config.top_k).any()  # some rows had a tie at the cut
+    for seed in range(4):
+        tokens, reported = sample_tokens(jax.random.key(seed), logits, config)
+        learner, _ = shared_prefix._logp_and_entropy(logits, tokens, config.temperature, floor)
+        np.testing.assert_allclose(learner, reported, atol=1e-5)
 
 
 def test_no_filter_no_floor():

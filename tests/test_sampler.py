@@ -272,6 +272,13 @@ class SamplerTest(chex.TestCase):
             session.generate([[1], []], self.params, jax.random.key(0))
         with self.assertRaisesRegex(ValueError, "token ids"):
             session.generate([[1], [VOCAB]], self.params, jax.random.key(0))
+        # The refused calls changed nothing: row 0's history is what was fed since.
+        self.assertEqual(session.history(0), [])
+        out = session.generate([[1, 2], [3]], self.params, jax.random.key(0))
+        self.assertEqual(session.history(0), [1, 2, *out.row_tokens(0)])
+        np.testing.assert_array_equal(
+            session.lengths, [2 + out.num_tokens[0] - 1, 1 + out.num_tokens[1] - 1]
+        )
 
 
 class SmearSamplerTest(SamplerTest):

@@ -25,14 +25,29 @@ def _nucleus(values: jax.Array, top_p: float) -> jax.Array:
     return (mass_before < top_p).at[..., 0].set(True)
 
 
-def _sorted_candidates(logits: jax.Array, config: SamplingConfig):
-    """Candidate logits (descending) and their vocab ids, outside the support set to -inf."""
+def _candidates(logits: jax.Array, config: SamplingConfig):
+    """The top-k + 1 scaled logits (logits / temperature, descending), their vocab ids,
+    which of them are in the support, and the largest scaled logit left out (-inf when
+    nothing is).
+
+    The support is the top-k tokens, cut to the nucleus, less any token whose scaled
+    logit ties the largest one left out: a floor between kept and left-out logits
+    (`support_floor`) could not tell tied tokens apart, so they are all left out, and
+    the sampler and a learner holding the floor agree on the support. The most likely
+    token always stays. The one candidate past the top k is masked, not sliced off
+    (slicing top_k's output made XLA:CPU run it 16 times slower).
+    """
     vocab = logits.shape[-1]
     k = min(config.top_k, vocab) if config.top_k > 0 else vocab
-    values, ids = jax.lax.top_k(logits / config.temperature, k)
+    values, ids = jax.lax.top_k(logits.astype(jnp.float32) / config.temperature, min(k + 1, vocab))
+    keep = jnp.broadcast_to(jnp.arange(values.shape[-1]) < k, values.shape)
     if config.top_p < 1.0:
-        values = jnp.where(_nucleus(values, config.top_p), values, -jnp.inf)
-    return values, ids
+        keep &= _nucleus(jnp.where(keep, values, -jnp.inf), config.top_p)
+    kept = jnp.sum(keep, axis=-1)
+    first_out = jnp.take_along_axis(values, jnp.minimum(kept, vocab - 1)[:, None], axis=-1)[:, 0]
+    first_out = jnp.where(kept < vocab, first_out, -jnp.inf)
+    keep = (keep & (values > first_out[:, None])).at[..., 0].set(True)
+    return values, ids, keep, first_out
 
 
 def row_uniforms(rng: jax.Array, rows: jax.Array) -> jax.Array:
@@ -104,8 +119,8 @@ def sample_tokens(
         tokens = _inverse_cdf_sample(rng, logprobs, rows)
         chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
         return tokens.astype(jnp.int32), chosen
-    values, ids = _sorted_candidates(logits, config)
-    logprobs = jax.nn.log_softmax(values, axis=-1)
+    values, ids, keep, _ = _candidates(logits, config)
+    logprobs = jax.nn.log_softmax(jnp.where(keep, values, -jnp.inf), axis=-1)
     choice = _inverse_cdf_sample(rng, logprobs, rows)
     chosen = jnp.take_along_axis(logprobs, choice[:, None], axis=-1)[:, 0]
     tokens = jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
@@ -124,11 +139,10 @@ def sampling_logprobs(logits: jax.Array, config: SamplingConfig) -> jax.Array:
         return jax.nn.log_softmax(logits, axis=-1)
     if not config.filtered:
         return jax.nn.log_softmax(logits / config.temperature, axis=-1)
-    values, ids = _sorted_candidates(logits, config)
+    values, ids, keep, _ = _candidates(logits, config)
     dense = jnp.full(logits.shape, -jnp.inf, jnp.float32)
-    return jnp.put_along_axis(
-        dense, ids, jax.nn.log_softmax(values, axis=-1), axis=-1, inplace=False
-    )
+    logprobs = jax.nn.log_softmax(jnp.where(keep, values, -jnp.inf), axis=-1)
+    return jnp.put_along_axis(dense, ids, logprobs, axis=-1, inplace=False)
 
 
 def support_floor(logits: jax.Array, config: SamplingConfig) -> jax.Array:
@@ -137,23 +151,16 @@ def support_floor(logits: jax.Array, config: SamplingConfig) -> jax.Array:
     The support of `sample_tokens`' distribution is the tokens whose scaled logit is
     above this floor: it lies halfway between the least likely token kept and the most
     likely one left out, so logits recomputed by another program (rounding a few ulps
-    apart) select the same tokens. -inf when nothing is filtered (or greedy decoding).
-    A learner that masks the logits below it trains the distribution the sampler drew
-    from (`ctu.models.shared_prefix.hidden_logp_and_entropy`).
+    apart) select the same tokens; tokens tied with the one left out are left out too
+    (`_candidates`). When all candidates tie, only the most likely token is kept and the
+    floor equals its logit: nothing is above it, and a learner keeps the sampled token,
+    which is that one. -inf when nothing is filtered (or greedy decoding). A learner
+    that masks the logits below it trains the distribution the sampler drew from
+    (`ctu.models.shared_prefix.hidden_logp_and_entropy`).
     """
     chex.assert_rank(logits, 2)
-    batch, vocab = logits.shape
     if config.greedy or not config.filtered:
-        return jnp.full((batch,), -jnp.inf, jnp.float32)
-    k = min(config.top_k, vocab) if config.top_k > 0 else vocab
-    # One candidate past the top k: the most likely token top-k leaves out. (Slicing
-    # top_k's output made XLA:CPU run it 16 times slower: masked instead.)
-    values, _ = jax.lax.top_k(logits.astype(jnp.float32) / config.temperature, min(k + 1, vocab))
-    in_top_k = jnp.arange(values.shape[-1]) < k
-    kept = jnp.full((batch,), k)
-    if config.top_p < 1.0:
-        nucleus = _nucleus(jnp.where(in_top_k, values, -jnp.inf), config.top_p)
-        kept = jnp.sum(nucleus & in_top_k, axis=-1)
-    last_in = jnp.take_along_axis(values, kept[:, None] - 1, axis=-1)[:, 0]
-    first_out = jnp.take_along_axis(values, jnp.minimum(kept, vocab - 1)[:, None], axis=-1)[:, 0]
-    return jnp.where(kept < vocab, (last_in + first_out) / 2, -jnp.inf)
+        return jnp.full(logits.shape[:1], -jnp.inf, jnp.float32)
+    values, _, keep, first_out = _candidates(logits, config)
+    last_in = jnp.take_along_axis(values, jnp.sum(keep, axis=-1)[:, None] - 1, axis=-1)[:, 0]
+    return jnp.where(first_out > -jnp.inf, (last_in + first_out) / 2, -jnp.inf)

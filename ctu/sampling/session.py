@@ -223,6 +223,7 @@ class Session:
                 )
         vocab = self.model_config.vocab_size
         chunks: dict[int, list[int]] = {}
+        appended: dict[int, list[int]] = {}
         overflow = set()
         for row, new in enumerate(appends):
             if new is None:
@@ -238,6 +239,9 @@ class Session:
                 overflow.add(row)
                 continue
             chunks[row] = chunk
+            appended[row] = new
+        # Only once every row is valid: a refused call leaves the session as it was.
+        for row, new in appended.items():
             self._history[row].extend(new)
 
         stop_reasons = [LENGTH if row in overflow else None for row in range(self.batch_size)]
