@@ -105,6 +105,7 @@ class JsonlWriter:
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
         if self._texts is not None:
             self._texts.write(json.dumps({"step": int(step), **dict(texts)}) + "\n")
+            self._texts.flush()  # as the scalars: rows up to a checkpoint survive a kill
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         del hparams  # The full config goes to config.json instead.

@@ -39,6 +39,18 @@ class JsonlWriterTest(absltest.TestCase):
             [{"step": 1, "loss": 0.5, "perf/mfu": None, "grad_norm": None, "n": 3}],
         )
 
+    def test_rows_reach_the_file_before_close(self):
+        """A run killed without closing its writer keeps every row written: scalars and
+        texts alike are on disk as soon as they are written."""
+        path = os.path.join(_tempdir(self), "metrics.jsonl")
+        texts = path.replace("metrics", "texts")
+        writer = metrics.JsonlWriter(path, texts_path=texts)
+        writer.write_scalars(1, {"loss": 0.5})
+        writer.write_texts(1, {"example": "hello"})
+        self.assertEqual(metrics.read_jsonl(path), [{"step": 1, "loss": 0.5}])
+        self.assertEqual(metrics.read_jsonl(texts), [{"step": 1, "example": "hello"}])
+        writer.close()
+
     def test_resume_drops_rows_after_the_restored_step_and_torn_lines(self):
         path = os.path.join(_tempdir(self), "metrics.jsonl")
         writer = metrics.JsonlWriter(path)
