@@ -146,6 +146,21 @@ class RunSettings:
                     f"it needs mesh sizes of 1 or -1 (got {self.mesh}) and distributed=False; "
                     "set --config.rollout.cpu_devices=1 to shard the learner instead."
                 )
+        group_size = self.rollout.groups.num_rollouts
+        if group_size < 2:
+            raise ValueError(
+                f"rollout.group_size={group_size}: a rollout's advantage compares it with the "
+                "other rollouts of its task, so a group of one has advantage 0 and teaches "
+                "nothing; use 2 or more."
+            )
+        feedback = self.algorithm.feedback
+        if feedback.enable and feedback.start_rollout > group_size:
+            raise ValueError(
+                f"algorithm.feedback_guidance.start_rollout={feedback.start_rollout} is past "
+                f"rollout.group_size={group_size}: no rollout would read a critique, so the "
+                "run would be the baseline; lower start_rollout or set "
+                "algorithm.feedback_guidance.enable=False."
+            )
         init = self.model["init"]
         if init != "scratch" and not init.startswith("hf:"):
             raise ValueError(f"model.init={init!r}: use 'scratch' or 'hf:PATH'.")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 import os
 import time
@@ -27,6 +29,7 @@ from flax import nnx
 
 from ctu import feedback_guidance as fg
 from ctu import sharding
+from ctu import workdir as workdir_lib
 from ctu.analysis import induction
 from ctu.analysis.copy_probe import ACTION_KINDS, teacher_forced_probe
 from ctu.demonstrations import Demonstration, heuristic_demonstrations
@@ -142,6 +145,8 @@ def world_split_for_probe(world: data.World) -> str:
 
 
 WARM_START_DIR = "warm_start"
+# Written into WARM_START_DIR last: the settings it was trained under (`fingerprint`).
+WARM_START_SETTINGS = "ctu_warm_start.json"
 
 
 def bucketed_length(
@@ -301,6 +306,35 @@ def batches(demos: Sequence[Demonstration], batch_size: int, *, seed: int, windo
                     yield [demos[i] for i in chunks[j]]
 
 
+def saved_warm_start(workdir: str) -> bool:
+    """Whether WORKDIR holds a warm start that `warm_start` would reuse."""
+    return os.path.exists(os.path.join(workdir, WARM_START_DIR, "config.json"))
+
+
+def fingerprint(
+    model_config, config: WarmStartConfig, guidance: fg.FeedbackGuidanceConfig, tokenizer, seed
+) -> dict:
+    """The settings a warm start is trained under: its model (dtypes aside, which a
+    reload may change), its own settings, the critiques its demonstrations read, the
+    tokenizer's vocabulary and the seed."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+    architecture = dataclasses.asdict(model_config)
+    for key in ("dtype", "param_dtype"):
+        architecture.pop(key, None)
+    settings = dataclasses.asdict(config)
+    settings.pop("enable")
+    return {
+        "model": architecture,
+        "warm_start": settings,
+        "feedback_guidance": {
+            "accumulation_mode": guidance.accumulation_mode,
+            "max_feedback_tokens": guidance.max_feedback_tokens,
+        },
+        "tokenizer_sha256": hashlib.sha256(vocab).hexdigest(),
+        "seed": seed,
+    }
+
+
 def warm_start(
     model: nnx.Module,
     model_config,
@@ -326,7 +360,14 @@ def warm_start(
     transformers can load it (a smear model: ctu's `from_hf` only).
     """
     out = os.path.join(workdir, WARM_START_DIR)
-    if os.path.exists(os.path.join(out, "config.json")):
+    settings = fingerprint(model_config, config, guidance, tokenizer, seed)
+    if saved_warm_start(workdir):
+        workdir_lib.check_reuse(
+            out,
+            WARM_START_SETTINGS,
+            settings,
+            remedy=f"delete {out} to train one under these settings, or use a new --workdir",
+        )
         log(f"warm start: reusing {out}")
         restored, _ = from_hf(
             out, dtype=model_config.dtype, param_dtype=model_config.param_dtype, mesh=mesh
@@ -430,4 +471,5 @@ def warm_start(
     )
     to_hf(model, model_config, out)
     tokenizer.save_pretrained(out)
+    workdir_lib.write_json(os.path.join(out, WARM_START_SETTINGS), settings)
     return model

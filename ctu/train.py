@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from ctu import metrics as metrics_lib
 from ctu import sft, sharding
+from ctu import workdir as workdir_lib
 from ctu.backend import cpu_cores, initialize_backend
 from ctu.feedback_guidance import FEEDBACK_CACHE_DIR
 from ctu.models import ModelConfig, from_hf
@@ -40,6 +42,7 @@ from ctu.text.tokenizer import load_tokenizer, make_world_tokenizer
 from ctu.world import data, reward, tools
 
 TOKENIZER_DIR = "tokenizer"
+TOKENIZER_SETTINGS = "ctu_tokenizer.json"  # what a workdir's world tokenizer was built with
 CHECKPOINT_DIR = "checkpoints"
 VLLM_POLICY_DIR = "vllm_policy"  # the Hugging Face export vLLM samples from
 
@@ -59,21 +62,53 @@ class Setup:
 
 
 def _tokenizer(settings: RunSettings, workdir: str):
+    """model.tokenizer if set; else a checkpoint's own (model.init=hf:PATH); else the
+    world tokenizer built into WORKDIR/tokenizer, reused while its settings hold."""
     path = settings.model["tokenizer"]
     if path:
         return load_tokenizer(path)
+    init = settings.model["init"]
+    if init.startswith("hf:"):
+        checkpoint = init[3:]
+        if not os.path.exists(os.path.join(checkpoint, "tokenizer_config.json")):
+            raise ValueError(
+                f"model.init={init!r} with model.tokenizer='': a checkpoint's token ids mean "
+                f"something only under its own tokenizer, and {checkpoint} has none; set "
+                "--config.model.tokenizer=DIR to the folder of the tokenizer it was trained "
+                "with."
+            )
+        logging.info("using the checkpoint's tokenizer, %s", checkpoint)
+        return load_tokenizer(checkpoint)
     path = os.path.join(workdir, TOKENIZER_DIR)
+    wanted = {
+        key: settings.model[key]
+        for key in ("tokenizer_vocab_size", "tokenizer_episodes", "tokenizer_max_digits")
+    }
     if os.path.exists(os.path.join(path, "tokenizer.json")):
+        workdir_lib.check_reuse(
+            path,
+            TOKENIZER_SETTINGS,
+            {"model": wanted},
+            remedy="use a new --workdir, or the settings it was made with",
+        )
         return load_tokenizer(path)
     logging.info("building a tokenizer from the world into %s", path)
-    return make_world_tokenizer(
+    # Built aside and renamed into place: a run killed meanwhile leaves no tokenizer
+    # for the next one to reuse, rather than half of one.
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    make_world_tokenizer(
         settings.data_dir,
-        path,
+        tmp,
         settings.model["tokenizer_vocab_size"],
         tools.TOOL_SCHEMAS,
         num_episodes=settings.model["tokenizer_episodes"],
         max_digits=settings.model["tokenizer_max_digits"],
     )
+    workdir_lib.write_json(os.path.join(tmp, TOKENIZER_SETTINGS), {"model": wanted})
+    shutil.rmtree(path, ignore_errors=True)  # an interrupted older build, if any
+    os.replace(tmp, path)
+    return load_tokenizer(path)
 
 
 def setup(config, workdir: str) -> Setup:
@@ -137,7 +172,10 @@ def rollout_engines(s: Setup, model: nnx.Module) -> tuple[RolloutEngine, Rollout
 
 
 def _warm_start(s: Setup) -> nnx.Module:
-    writer = metrics_lib.create_writer(os.path.join(s.workdir, "warm_start_logs"))
+    # A warm start that is reused keeps the logs of the run that trained it.
+    logs = os.path.join(s.workdir, "warm_start_logs")
+    reusing = sft.saved_warm_start(s.workdir)
+    writer = metrics_lib.NullWriter() if reusing else metrics_lib.create_writer(logs)
     try:
         return sft.warm_start(
             s.model,
@@ -294,20 +332,52 @@ def evaluate(s: Setup, engine, step: int, writer) -> dict:
         seed=s.settings.seed,
         runner=s.settings.rollout.runner,
     )
-    scalars = {"val/success": result["success_rate"], "val/score": result["mean_score"]}
+    split = s.settings.eval_split  # "val" unless eval.split says otherwise
+    scalars = {f"{split}/success": result["success_rate"], f"{split}/score": result["mean_score"]}
     for level, rate in result.get("per_level_success", {}).items():
-        scalars[f"val/success_level_{level}"] = rate
+        scalars[f"{split}/success_level_{level}"] = rate
     writer.write_scalars(step, scalars)
     return scalars
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-    """Runs (or resumes) the training job in `workdir`; returns the last metrics."""
+def check_resumable(config, workdir: str, *, allow_config_change: bool = False) -> None:
+    """Refuses to resume `workdir` under a config that trains something else than the
+    one it saved (only `workdir.RESUMABLE_KEYS` may change), unless allowed, which
+    logs the changes instead."""
+    path = os.path.join(workdir, metrics_lib.CONFIG_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    diff = workdir_lib.changes(saved, config.to_dict(), allowed=workdir_lib.RESUMABLE_KEYS)
+    if not diff:
+        return
+    message = f"resuming {workdir} with a config that differs from {path}: " + (
+        workdir_lib.describe(diff)
+    )
+    if allow_config_change:
+        logging.warning("%s (allowed by --allow_config_change)", message)
+        return
+    raise ValueError(
+        f"{message}. A resumed run continues its saved task order, policy and optimizer "
+        "under these settings; use a new --workdir, put the saved values back, or pass "
+        "--allow_config_change to go on with the new ones."
+    )
+
+
+def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False) -> dict:
+    """Runs (or resumes) the training job in `workdir`; returns the last metrics.
+
+    A resumed run must have the config it saved, except for `workdir.RESUMABLE_KEYS`
+    (length, evaluation, logging, devices), unless `allow_config_change`.
+    """
     # Setup: settings, backend, mesh, world, tokenizer, model.
     s = setup(config, workdir)
     settings = s.settings
     checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), settings.checkpoint)
     resuming = checkpointer.latest_step() is not None
+    if resuming:
+        check_resumable(config, workdir, allow_config_change=allow_config_change)
 
     # Warm start. A resumed run's policy comes from its checkpoint, but a loss with a KL
     # term copies its reference from the model the learner is built on: the policy RL
@@ -328,98 +398,105 @@ def train_and_evaluate(config, workdir: str) -> dict:
         )
         logging.info("resumed from step %d", start_step)
     writer = metrics_lib.create_writer(workdir, start_step=start_step, config=config)
+    try:
+        # Rollout engines: sampling for training, greedy for evaluation.
+        engine, eval_engine = rollout_engines(s, learner.model)
+        if start_step == 0:
+            evaluate(s, eval_engine, 0, writer)
 
-    # Rollout engines: sampling for training, greedy for evaluation.
-    engine, eval_engine = rollout_engines(s, learner.model)
-    if start_step == 0:
-        evaluate(s, eval_engine, 0, writer)
-
-    enhancer = settings.algorithm.feedback.make_enhancer(os.path.join(workdir, FEEDBACK_CACHE_DIR))
-    train_ids = [t.task_id for t in s.world.split("train")]
-    stream = task_stream(train_ids, settings.seed, position)
-    last: dict = {}
-    bar = tqdm(range(start_step + 1, settings.total_steps + 1), desc="train", unit="step")
-    for step in bar:
-        step_start = time.perf_counter()
-        rng, sample_key, update_key = jax.random.split(rng, 3)
-
-        # Rollouts: groups in waves, refilled by dynamic sampling.
-        sampler = GroupSampler(
-            s, engine, stream, sample_key, seed=settings.seed + step, enhancer=enhancer
+        enhancer = settings.algorithm.feedback.make_enhancer(
+            os.path.join(workdir, FEEDBACK_CACHE_DIR)
         )
-        rollout_start = time.perf_counter()
-        if settings.algorithm.dynamic_sampling:
-            groups, ds_stats = dynamic_sample(
-                sampler,
-                target_groups=settings.rollout.tasks_per_step,
-                max_rounds=settings.algorithm.max_rounds,
-                rewards_of=lambda g: batching.trained_rewards(g, reward=settings.algorithm.reward),
-            )
-            if not groups:  # every group was constant: train on the last round's anyway
-                groups = sampler.results[-1].groups
-        else:
-            groups, ds_stats = sampler(settings.rollout.tasks_per_step), {}
-        rollout_s = time.perf_counter() - rollout_start
-        position = sampler.position
-        all_groups = [g for result in sampler.results for g in result.groups]
+        train_ids = [t.task_id for t in s.world.split("train")]
+        stream = task_stream(train_ids, settings.seed, position)
+        last: dict = {}
+        bar = tqdm(range(start_step + 1, settings.total_steps + 1), desc="train", unit="step")
+        for step in bar:
+            step_start = time.perf_counter()
+            rng, sample_key, update_key = jax.random.split(rng, 3)
 
-        # Update.
-        batch, batch_stats = batching.build_batch(
-            groups,
-            settings=settings.algorithm,
-            rows_multiple=settings.train.rows_multiple() * sharding.batch_shards(s.mesh),
-            pad_id=s.tokenizer.pad_token_id,
-            length_multiple=settings.train.length_bucket,
-        )
-        update_metrics = learner.update(batch, update_key)
-        sync_start = time.perf_counter()
-        engine.update_weights(learner.model)  # and the evaluation engine's
-        sync_s = time.perf_counter() - sync_start
-
-        # Metrics.
-        waves = [w for result in sampler.results for w in result.waves]
-        runs = [w.run for w in waves]
-        scalars = {
-            **rollout_metrics(all_groups, settings.rollout.groups.num_rollouts),
-            **ds_stats,
-            **batch_stats,
-            **update_metrics,
-            "timing_s/rollout": rollout_s,
-            "timing_s/generation": sum(r.generation_s for r in runs),
-            "timing_s/environment": sum(r.env_s for r in runs),
-            "timing_s/feedback": sum(w.feedback_s for w in waves),
-            "timing_s/weight_sync": sync_s,
-            "waves": float(len(waves)),
-        }
-        if step % settings.log_examples_every == 0:
-            writer.write_texts(step, {"example": _example_text(s.tokenizer, groups[0][-1])})
-        if settings.debug_conversations:
-            _log_conversations(workdir, step, s.tokenizer, all_groups)
-        if step % settings.eval_every == 0 or step == settings.total_steps:
-            scalars.update(evaluate(s, eval_engine, step, writer))
-
-        # Metrics first, then the checkpoint: a run killed after the checkpoint
-        # commits must not lose this step's row.
-        scalars["timing_s/step"] = time.perf_counter() - step_start
-        writer.write_scalars(step, scalars)
-        if step % settings.checkpoint_every == 0 or step == settings.total_steps:
-            checkpoint_start = time.perf_counter()
-            checkpointer.save(
-                step,
-                model=learner.model,
-                optimizer=learner.optimizer,
-                rng=rng,
-                data_position={"position": position},
-                force=True,
+            # Rollouts: groups in waves, refilled by dynamic sampling.
+            sampler = GroupSampler(
+                s, engine, stream, sample_key, seed=settings.seed + step, enhancer=enhancer
             )
-            writer.write_scalars(
-                step, {"timing_s/checkpoint": time.perf_counter() - checkpoint_start}
+            rollout_start = time.perf_counter()
+            if settings.algorithm.dynamic_sampling:
+                groups, ds_stats = dynamic_sample(
+                    sampler,
+                    target_groups=settings.rollout.tasks_per_step,
+                    max_rounds=settings.algorithm.max_rounds,
+                    rewards_of=lambda g: batching.trained_rewards(
+                        g, reward=settings.algorithm.reward
+                    ),
+                )
+                if not groups:  # every group was constant: train on the last round's anyway
+                    groups = sampler.results[-1].groups
+            else:
+                groups, ds_stats = sampler(settings.rollout.tasks_per_step), {}
+            rollout_s = time.perf_counter() - rollout_start
+            position = sampler.position
+            all_groups = [g for result in sampler.results for g in result.groups]
+
+            # Update.
+            batch, batch_stats = batching.build_batch(
+                groups,
+                settings=settings.algorithm,
+                rows_multiple=settings.train.rows_multiple() * sharding.batch_shards(s.mesh),
+                pad_id=s.tokenizer.pad_token_id,
+                length_multiple=settings.train.length_bucket,
             )
-        bar.set_postfix(
-            reward=f"{scalars['reward/mean']:.2f}", success=f"{scalars['success/rate']:.2f}"
-        )
-        last = scalars
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    writer.close()
+            update_metrics = learner.update(batch, update_key)
+            sync_start = time.perf_counter()
+            engine.update_weights(learner.model)  # and the evaluation engine's
+            sync_s = time.perf_counter() - sync_start
+
+            # Metrics.
+            waves = [w for result in sampler.results for w in result.waves]
+            runs = [w.run for w in waves]
+            scalars = {
+                **rollout_metrics(all_groups, settings.rollout.groups.num_rollouts),
+                **ds_stats,
+                **batch_stats,
+                **update_metrics,
+                "timing_s/rollout": rollout_s,
+                "timing_s/generation": sum(r.generation_s for r in runs),
+                "timing_s/environment": sum(r.env_s for r in runs),
+                "timing_s/feedback": sum(w.feedback_s for w in waves),
+                "timing_s/weight_sync": sync_s,
+                "waves": float(len(waves)),
+            }
+            if step % settings.log_examples_every == 0:
+                writer.write_texts(step, {"example": _example_text(s.tokenizer, groups[0][-1])})
+            if settings.debug_conversations:
+                _log_conversations(workdir, step, s.tokenizer, all_groups)
+            if step % settings.eval_every == 0 or step == settings.total_steps:
+                scalars.update(evaluate(s, eval_engine, step, writer))
+
+            # Metrics first, then the checkpoint: a run killed after the checkpoint
+            # commits must not lose this step's row.
+            scalars["timing_s/step"] = time.perf_counter() - step_start
+            writer.write_scalars(step, scalars)
+            if step % settings.checkpoint_every == 0 or step == settings.total_steps:
+                writer.flush()  # texts and events up to this step survive a kill after it
+                checkpoint_start = time.perf_counter()
+                checkpointer.save(
+                    step,
+                    model=learner.model,
+                    optimizer=learner.optimizer,
+                    rng=rng,
+                    data_position={"position": position},
+                    force=True,
+                )
+                writer.write_scalars(
+                    step, {"timing_s/checkpoint": time.perf_counter() - checkpoint_start}
+                )
+            bar.set_postfix(
+                reward=f"{scalars['reward/mean']:.2f}", success=f"{scalars['success/rate']:.2f}"
+            )
+            last = scalars
+    finally:
+        # Whatever ends the loop: pending checkpoints commit, logs reach the disk.
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        writer.close()
     return last

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import types
 
 import jax
@@ -116,6 +117,8 @@ def test_a_saved_config_without_the_llm_keys_still_reads():
         ("eval.split", "validaton", "eval.split"),
         ("eval.num_tasks", 0, "eval.num_tasks"),
         ("algorithm.feedback_guidance.use_llm_enhancement", True, "llm_base_url"),
+        ("rollout.group_size", 1, "rollout.group_size=1"),
+        ("algorithm.feedback_guidance.start_rollout", 9, "start_rollout=9 is past"),
     ],
 )
 def test_bad_values_are_errors_that_name_the_key(key, value, match):
@@ -508,6 +511,82 @@ def test_smoke_run_resumes_from_its_workdir(smoke_run):
     train_rows = [row["step"] for row in rows if "loss" in row]
     assert train_rows == [1, 2, 3]  # step 3 only was added; nothing repeated
     assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))
+
+
+def test_resuming_under_a_config_that_trains_something_else_is_refused(smoke_run):
+    """Only how long a run goes, and what it evaluates and logs, may change on resume;
+    the refusal names the key and leaves the workdir as it was."""
+    config, workdir, _ = smoke_run
+    path = os.path.join(workdir, "config.json")
+    with open(path) as f:
+        saved = f.read()
+    changed = config.copy_and_resolve_references()
+    changed.total_steps, changed.eval.num_tasks = 99, 2  # may change
+    changed.algorithm.eps_high = 0.5
+    with pytest.raises(ValueError, match=r"algorithm\.eps_high: 0\.28 -> 0\.5"):
+        train.train_and_evaluate(changed, workdir)
+    with open(path) as f:
+        assert f.read() == saved
+    train.check_resumable(changed, workdir, allow_config_change=True)  # logs instead
+
+
+def _workdir_without_checkpoints(smoke_run, tmp_path):
+    _, workdir, _ = smoke_run
+    for name in ("tokenizer", "warm_start", "warm_start_logs"):
+        shutil.copytree(os.path.join(workdir, name), tmp_path / name)
+    return str(tmp_path)
+
+
+def test_a_warm_start_is_reused_only_under_its_own_settings(smoke_run, tmp_path):
+    config = smoke_run[0].copy_and_resolve_references()
+    workdir = _workdir_without_checkpoints(smoke_run, tmp_path)
+    logs = os.path.join(workdir, "warm_start_logs", "metrics.jsonl")
+    rows = read_jsonl(logs)
+    weights = os.path.join(workdir, "warm_start", "model.safetensors")
+    before = os.stat(weights).st_mtime_ns
+    train.run_sft(config, workdir)  # the same settings: reused, its logs kept
+    assert os.stat(weights).st_mtime_ns == before
+    assert read_jsonl(logs) == rows and rows
+    changed = config.copy_and_resolve_references()
+    changed.warm_start.steps = 5
+    with pytest.raises(ValueError, match=r"warm_start\.steps: 2 -> 5.*delete"):
+        train.run_sft(changed, workdir)
+    changed = config.copy_and_resolve_references()
+    changed.model.tokenizer_vocab_size = 1024  # the workdir's tokenizer has other settings
+    with pytest.raises(ValueError, match=r"tokenizer_vocab_size: 2048 -> 1024"):
+        train.run_sft(changed, workdir)
+    assert os.stat(weights).st_mtime_ns == before
+
+
+def test_a_checkpoint_comes_with_its_own_tokenizer(smoke_run, tmp_path):
+    """model.init=hf:PATH reads PATH's tokenizer, never one built from the world; a
+    checkpoint without one is an error naming model.tokenizer."""
+    config, workdir, _ = smoke_run
+    checkpoint = os.path.join(workdir, "warm_start")
+    settings = run_config.settings_from_config(config)
+    model = dict(settings.model, init=f"hf:{checkpoint}", smear=0)
+    tokenizer = train._tokenizer(dataclasses.replace(settings, model=model), str(tmp_path))
+    saved = train.load_tokenizer(checkpoint)
+    assert tokenizer.get_vocab() == saved.get_vocab()
+    assert not os.path.exists(tmp_path / "tokenizer")  # nothing was built
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    model = dict(settings.model, init=f"hf:{bare}", smear=0)
+    with pytest.raises(ValueError, match="model.tokenizer"):
+        train._tokenizer(dataclasses.replace(settings, model=model), str(tmp_path))
+
+
+def test_the_evaluation_is_named_by_its_split(monkeypatch):
+    result = {"success_rate": 0.5, "mean_score": 0.7, "per_level_success": {1: 1.0}}
+    monkeypatch.setattr(train.rollout_eval, "evaluate_model", lambda *a, **k: result)
+    written = []
+    writer = types.SimpleNamespace(write_scalars=lambda step, scalars: written.append(scalars))
+    settings = types.SimpleNamespace(
+        eval_split="test", eval_num_tasks=2, seed=0, rollout=types.SimpleNamespace(runner=None)
+    )
+    s = types.SimpleNamespace(settings=settings, world=toys.shipped_world(), tokenizer=None)
+    train.evaluate(s, None, 4, writer)
+    assert written == [{"test/success": 0.5, "test/score": 0.7, "test/success_level_1": 1.0}]
 
 
 def test_a_resumed_run_keeps_the_warm_start_as_its_kl_reference(tmp_path, monkeypatch):
