@@ -4,6 +4,7 @@ Sessions share max_len, batch bucket and sampling settings where they can, so th
 jitted steps compile once for several tests.
 """
 
+import dataclasses
 import functools
 
 import chex
@@ -272,6 +273,8 @@ class SamplerTest(chex.TestCase):
             session.generate([[1], []], self.params, jax.random.key(0))
         with self.assertRaisesRegex(ValueError, "token ids"):
             session.generate([[1], [VOCAB]], self.params, jax.random.key(0))
+        with self.assertRaisesRegex(ValueError, rf"stop_token_ids \[{VOCAB}\] are outside"):
+            self._session(dataclasses.replace(SAMPLED, stop_token_ids=(1, VOCAB)), batch_size=2)
         # The refused calls changed nothing: row 0's history is what was fed since.
         self.assertEqual(session.history(0), [])
         out = session.generate([[1, 2], [3]], self.params, jax.random.key(0))

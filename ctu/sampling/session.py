@@ -32,6 +32,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -124,6 +125,21 @@ class Session:
             raise ValueError(f"min_kv_window must be >= 1, got {min_kv_window}.")
         if shared_prefix_multiple < 0:
             raise ValueError(f"shared_prefix_multiple must be >= 0, got {shared_prefix_multiple}.")
+        vocab = model.config.vocab_size
+        outside = [t for t in sampling.stop_token_ids if not 0 <= t < vocab]
+        if outside:
+            raise ValueError(
+                f"stop_token_ids {outside} are outside the model's vocabulary [0, {vocab}): "
+                "they could never be sampled, so no row would stop; take them from the "
+                "tokenizer the model was trained with."
+            )
+        if max_len > model.config.max_position_embeddings:
+            logging.warning(
+                "max_len=%d is past the model's max_position_embeddings=%d: positions "
+                "beyond it were never trained",
+                max_len,
+                model.config.max_position_embeddings,
+            )
         self.sampling = sampling
         self.batch_size = batch_size
         self.max_len = max_len
