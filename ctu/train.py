@@ -41,7 +41,7 @@ from ctu.text.chat_template import END_OF_TURN
 from ctu.text.tokenizer import load_tokenizer, make_world_tokenizer
 from ctu.world import data, reward, tools
 
-TOKENIZER_DIR = "tokenizer"
+TOKENIZER_DIR = workdir_lib.TOKENIZER_DIR
 TOKENIZER_SETTINGS = "ctu_tokenizer.json"  # what a workdir's world tokenizer was built with
 CHECKPOINT_DIR = "checkpoints"
 VLLM_POLICY_DIR = "vllm_policy"  # the Hugging Face export vLLM samples from
@@ -62,24 +62,23 @@ class Setup:
 
 
 def _tokenizer(settings: RunSettings, workdir: str):
-    """model.tokenizer if set; else a checkpoint's own (model.init=hf:PATH); else the
-    world tokenizer built into WORKDIR/tokenizer, reused while its settings hold."""
-    path = settings.model["tokenizer"]
-    if path:
+    """The run's tokenizer (`workdir.tokenizer_dir`): model.tokenizer, a checkpoint's
+    own, or the world tokenizer built into WORKDIR/tokenizer, reused while its settings
+    hold."""
+    path = workdir_lib.tokenizer_dir(settings.model, workdir)
+    if settings.model["tokenizer"]:
         return load_tokenizer(path)
     init = settings.model["init"]
     if init.startswith("hf:"):
-        checkpoint = init[3:]
-        if not os.path.exists(os.path.join(checkpoint, "tokenizer_config.json")):
+        if not os.path.exists(os.path.join(path, "tokenizer_config.json")):
             raise ValueError(
                 f"model.init={init!r} with model.tokenizer='': a checkpoint's token ids mean "
-                f"something only under its own tokenizer, and {checkpoint} has none; set "
+                f"something only under its own tokenizer, and {path} has none; set "
                 "--config.model.tokenizer=DIR to the folder of the tokenizer it was trained "
                 "with."
             )
-        logging.info("using the checkpoint's tokenizer, %s", checkpoint)
-        return load_tokenizer(checkpoint)
-    path = os.path.join(workdir, TOKENIZER_DIR)
+        logging.info("using the checkpoint's tokenizer, %s", path)
+        return load_tokenizer(path)
     wanted = {
         key: settings.model[key]
         for key in ("tokenizer_vocab_size", "tokenizer_episodes", "tokenizer_max_digits")

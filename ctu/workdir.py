@@ -38,6 +38,21 @@ RESUMABLE_KEYS = (
 )
 
 
+TOKENIZER_DIR = "tokenizer"
+
+
+def tokenizer_dir(model: Mapping[str, Any], workdir: str) -> str:
+    """Where a run's tokenizer lives, from its `model` settings: `model.tokenizer` if
+    set; else a checkpoint's own (`model.init=hf:PATH`); else WORKDIR/tokenizer, the
+    world tokenizer the run built."""
+    if model.get("tokenizer"):
+        return model["tokenizer"]
+    init = model.get("init", "scratch")
+    if init.startswith("hf:"):
+        return init[3:]
+    return os.path.join(workdir, TOKENIZER_DIR)
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}; values as JSON would hold them."""
     flat = {}

@@ -41,8 +41,11 @@ _SET = flags.DEFINE_multi_string(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _GROUPS.value < 2:
-        raise app.UsageError(f"--groups={_GROUPS.value}: need at least 2 to estimate a spread")
+    if _GROUPS.value < 3:
+        raise app.UsageError(
+            f"--groups={_GROUPS.value}: need at least 3 (the jackknife interval leaves one "
+            "group out of at least two)"
+        )
     name = "warm_start" if _STEP.value is None else str(_STEP.value)
     out = _OUT.value or os.path.join(_WORKDIR.value, f"grad_noise_{name}.json")
     try:

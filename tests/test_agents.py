@@ -3,6 +3,7 @@
 import collections
 import re
 
+import numpy as np
 import pytest
 
 from ctu.world import agents, data, evaluation, phone
@@ -331,3 +332,17 @@ def test_heuristic_call_thoughts_name_the_fields_the_call_passes():
                 assert thought == f"{before} Fields: {fields}."
                 calls += 1
     assert calls > 2 * len(tasks)
+
+
+def test_tool_call_efficiency_is_measured_where_the_job_got_done():
+    """Over the episodes that served every request, penalised or not: a success has no
+    needless action by the reward's definition, so successes alone would always give
+    1. The heuristic completes tasks with extra calls; its efficiency shows them."""
+    world = toys.shipped_world()
+    results = _run(world, "heuristic", world.split("val"))
+    completed = [r for r in results if r.completed]
+    assert any(not r.success for r in completed)
+    want = np.mean([min(1.0, r.minimal_actions / r.num_actions) for r in completed])
+    efficiency = evaluation.summarize(results, trials=1)["behaviour"]["tool_call_efficiency"]
+    assert efficiency == pytest.approx(want) and efficiency < 1.0
+    assert all(r.minimal_actions == r.num_actions for r in results if r.success)

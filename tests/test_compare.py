@@ -17,7 +17,16 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def write_run(
-    root, name, *, feedback=True, seed=0, group_size=4, val=None, train=None, config=True
+    root,
+    name,
+    *,
+    feedback=True,
+    seed=0,
+    group_size=4,
+    val=None,
+    train=None,
+    config=True,
+    optimizer=None,
 ):
     """A workdir as ctu.train writes it. `val`: step -> val/success; `train`: step -> dict
     of training metrics. Each step's training row and its val row are separate lines
@@ -29,6 +38,8 @@ def write_run(
             "seed": seed,
             "algorithm": {"loss": "dapo", "feedback_guidance": {"enable": feedback}},
             "rollout": {"group_size": group_size, "tasks_per_step": 2},
+            "optimizer": optimizer or {"learning_rate": 3e-5},
+            "total_steps": 4,
         }
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(payload, f)
@@ -194,6 +205,48 @@ def test_failure_modes_come_from_eval_jsons(three_runs, tmp_path):
     assert training["fd_s1"]["cold-start score"] == "n/a"  # no evaluation JSON
 
 
+def test_runs_that_train_differently_are_not_seeds_of_one_group(tmp_path):
+    """Only the seed and how long, where and how often a run went may differ within a
+    group; a learning rate names its own group, and shared seeds are noted."""
+    val = {0: 0.2, 4: 0.3}
+    a = write_run(tmp_path, "lr_a", seed=0, val=val)
+    b = write_run(tmp_path, "lr_b", seed=1, val=val, optimizer={"learning_rate": 1e-4})
+    c = write_run(tmp_path, "lr_c", seed=1, val=val, optimizer={"learning_rate": 1e-4})
+    base = write_run(tmp_path, "base", feedback=False, val=val)
+    with open(os.path.join(c, "config.json")) as f:
+        config = json.load(f)
+    config["total_steps"] = 8  # a longer run is still a seed of the same group
+    with open(os.path.join(c, "config.json"), "w") as f:
+        json.dump(config, f)
+    runs = [runs_lib.load_run(w) for w in (a, b, c, base)]
+    groups = runs_lib.groups_of(runs)
+    assert {g: [r.name for r in rs] for g, rs in groups.items()} == {
+        "DAPO + feedback (optimizer.learning_rate=3e-05)": ["lr_a"],
+        "DAPO + feedback (optimizer.learning_rate=0.0001)": ["lr_b", "lr_c"],
+        "DAPO": ["base"],
+    }
+    assert runs_lib.shared_seeds(groups) == [
+        "group DAPO + feedback (optimizer.learning_rate=0.0001): runs lr_b, lr_c share "
+        "seed 1; its spread is not a spread over seeds"
+    ]
+
+
+def test_training_failure_modes_include_the_successes(three_runs):
+    """A step's failure/<type> metrics are shares of all its rollouts, the successes
+    (success/rate) the rest: the training bar is their mean over steps."""
+    path = os.path.join(three_runs[2], "metrics.jsonl")
+    rows = [
+        {"step": 1, "success/rate": 0.25, "failure/missing_auth": 0.75},
+        {"step": 2, "success/rate": 0.5, "failure/missing_auth": 0.25, "failure/wrong_order": 0.25},
+    ]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    shares = compare.failure_shares([runs_lib.load_run(three_runs[2])])
+    assert shares["base_s0: training"] == pytest.approx(
+        {"success": 0.375, "missing_auth": 0.5, "wrong_order": 0.125}
+    )
+
+
 def test_missing_data_gives_notes_and_the_plots_that_can_be_made(tmp_path):
     only_config = write_run(tmp_path, "only_config")
     no_val = write_run(tmp_path, "no_val", train=_train([1, 1]))  # no val, no sample counts
@@ -222,6 +275,15 @@ def test_torn_lines_and_bad_eval_json_are_skipped_with_a_note(three_runs):
     assert max(run.rows) == 4 and run.evals == {}
     assert any("metrics.jsonl line" in n for n in run.notes)
     assert any("eval_val.json is not valid JSON" in n for n in run.notes)
+    # Valid JSON of the wrong shape, and a broken config.json: notes, not tracebacks.
+    with open(os.path.join(three_runs[0], "eval_val.json"), "w") as f:
+        f.write("[1, 2]")
+    with open(os.path.join(three_runs[0], "config.json"), "w") as f:
+        f.write('{"seed": ')
+    run = runs_lib.load_run(three_runs[0])
+    assert run.evals == {} and run.group == "unknown"
+    assert any("eval_val.json is not a JSON object" in n for n in run.notes)
+    assert any("config.json is not valid JSON" in n for n in run.notes)
 
 
 def test_nothing_to_draw_skips_every_plot(tmp_path):
@@ -245,6 +307,9 @@ def test_cli_errors_and_writes(three_runs, tmp_path):
     assert missing.returncode != 0 and f"no run directory at {tmp_path / 'nope'}" in missing.stderr
     none = cli(f"--out={tmp_path / 'b'}")
     assert none.returncode != 0 and "no run workdirs" in none.stderr
+    (tmp_path / "file").write_text("")
+    into_file = cli(three_runs[0], f"--out={tmp_path / 'file'}")
+    assert into_file.returncode != 0 and "is a file; give a directory" in into_file.stderr
     ok = cli(*three_runs, f"--out={tmp_path / 'c'}")
     assert ok.returncode == 0, ok.stderr
     assert "note: failure_modes.png not drawn" in ok.stdout

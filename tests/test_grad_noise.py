@@ -157,3 +157,8 @@ def test_overrides_change_existing_settings_and_refuse_the_rest():
     ]:
         with pytest.raises(ValueError, match=match):
             grad_noise.override_config(feedback_dapo.get_config(), [item])
+
+
+def test_fewer_than_three_groups_are_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="num_groups=2: need at least 3"):
+        grad_noise.measure(str(tmp_path / "never_read"), num_groups=2)

@@ -16,7 +16,7 @@ import pytest
 
 from configs import baseline_dapo, feedback_dapo, grpo
 from ctu import demonstrations, run_config, train
-from ctu.analysis import grad_noise
+from ctu.analysis import grad_noise, policy_loading
 from ctu.metrics import read_jsonl
 from ctu.rl import batching
 from ctu.rollout.records import TURN_KINDS
@@ -569,6 +569,10 @@ def test_a_checkpoint_comes_with_its_own_tokenizer(smoke_run, tmp_path):
     saved = train.load_tokenizer(checkpoint)
     assert tokenizer.get_vocab() == saved.get_vocab()
     assert not os.path.exists(tmp_path / "tokenizer")  # nothing was built
+    # Loading the run's policy later finds the same tokenizer by the same rule.
+    settings_hf = dataclasses.replace(settings, model=model)
+    loaded = policy_loading._run_tokenizer(str(tmp_path), settings_hf)
+    assert loaded.get_vocab() == saved.get_vocab()
     bare = tmp_path / "bare"
     bare.mkdir()
     model = dict(settings.model, init=f"hf:{bare}", smear=0)

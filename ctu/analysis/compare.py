@@ -75,8 +75,9 @@ def _fmt_stat(stat, fmt, std_fmt=None) -> str:
 
 
 def failure_shares(runs: list[runs_lib.Run]) -> dict[str, dict[str, float]]:
-    """label -> failure type -> share of episodes, from eval JSONs (first tries) and
-    `failure/<type>` training metrics (summed over steps)."""
+    """label -> outcome ("success" or a failure type) -> share of episodes, from eval
+    JSONs (first tries) and from training: each step's `success/rate` and
+    `failure/<type>` (shares of all its rollouts), averaged over steps."""
     out = {}
     for run in runs:
         for name, metrics in sorted(run.evals.items()):
@@ -86,6 +87,9 @@ def failure_shares(runs: list[runs_lib.Run]) -> dict[str, dict[str, float]]:
                 out[f"{run.name}: {name}"] = {k: v / total for k, v in counts.items()}
         counts = collections.Counter()
         for row in run.rows.values():
+            if not isinstance(row.get("success/rate"), int | float):
+                continue  # not a training step
+            counts["success"] += row["success/rate"]
             for key, value in row.items():
                 if key.startswith(FAILURE_METRIC_PREFIX) and isinstance(value, int | float):
                     counts[key[len(FAILURE_METRIC_PREFIX) :]] += value
@@ -313,11 +317,13 @@ def compare(workdirs: list[str], out_dir: str) -> Comparison:
     """
     if not workdirs:
         raise runs_lib.RunError("no run workdirs given; pass one or more WORKDIRs")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise runs_lib.RunError(f"--out={out_dir} is a file; give a directory for the plots")
     runs = [runs_lib.load_run(w) for w in workdirs]
     _unique_names(runs)
     notes = [note for run in runs for note in run.notes]
     groups = runs_lib.groups_of(runs)
-    notes += _uneven_seeds(groups)
+    notes += _uneven_seeds(groups) + runs_lib.shared_seeds(groups)
     os.makedirs(out_dir, exist_ok=True)
     drawers = {
         "learning_curves": lambda p: plots.learning_curves(groups, p),

@@ -232,6 +232,11 @@ def measure(
     `num_groups` groups with reward signal on train tasks (sampled as the run samples),
     under the run's config with `overrides` ("KEY=VALUE") applied; `by_turn` adds how
     signal and noise split over the kinds of turn (`kind_shares`)."""
+    if num_groups < 3:
+        raise ValueError(
+            f"num_groups={num_groups}: need at least 3 (the jackknife interval leaves one "
+            "group out of at least two)"
+        )
     config = override_config(policy_loading.read_run_config(workdir), overrides)
     s = train.setup(config, workdir)
     settings = s.settings

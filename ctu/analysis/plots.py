@@ -26,7 +26,7 @@ DPI = 120
 
 def _save(fig, path: str) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")  # a legend outside the axes included
     plt.close(fig)
     return path
 
@@ -50,6 +50,7 @@ def learning_curves(groups: dict[str, list[runs_lib.Run]], path: str) -> str | N
     if not curves:
         return None
     scores = {g: runs_lib.group_curve(rs, runs_lib.VAL_SCORE) for g, rs in groups.items()}
+    any_samples = any(c.samples is not None for c in scores.values() if c is not None)
     fig, (by_samples, by_step, score) = plt.subplots(1, 3, figsize=(18, 4.5))
     for index, (group, curve) in enumerate(sorted(curves.items())):
         color, label = f"C{index}", _seeds_label(group, curve.seeds)
@@ -58,8 +59,11 @@ def learning_curves(groups: dict[str, list[runs_lib.Run]], path: str) -> str | N
         _band(by_step, curve.steps, curve, 100, color, label)
         score_curve = scores.get(group)
         if score_curve is not None:
-            x = score_curve.samples if score_curve.samples is not None else score_curve.steps
-            _band(score, x, score_curve, 1, color, label)
+            if any_samples:  # one unit on the axis: groups without counts are left out
+                if score_curve.samples is not None:
+                    _band(score, score_curve.samples, score_curve, 1, color, label)
+            else:
+                _band(score, score_curve.steps, score_curve, 1, color, label)
     for threshold in runs_lib.THRESHOLDS:
         for ax in (by_samples, by_step):
             ax.axhline(100 * threshold, color="grey", linestyle=":", linewidth=1)
@@ -71,7 +75,6 @@ def learning_curves(groups: dict[str, list[runs_lib.Run]], path: str) -> str | N
         ax.set_ylim(-2, 102)
     by_samples.set_title("Validation success vs samples (mean ± std over seeds)")
     by_step.set_title("Validation success vs step (step 0 = after warm start)")
-    any_samples = any(c.samples is not None for c in scores.values() if c is not None)
     score.set_xlabel("rollouts generated (episodes)" if any_samples else "training step")
     score.set_ylabel("validation mean score (0-1)")
     score.set_ylim(-0.02, 1.02)

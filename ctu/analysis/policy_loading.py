@@ -31,6 +31,7 @@ from absl import logging
 from flax import nnx
 
 from ctu import sharding
+from ctu import workdir as workdir_lib
 from ctu.metrics import CONFIG_FILE
 from ctu.models import ModelConfig, Qwen, from_hf
 from ctu.rl import checkpoint as checkpoint_lib
@@ -40,7 +41,7 @@ from ctu.sampling import SamplingConfig
 from ctu.sft import WARM_START_DIR
 from ctu.text.chat_template import END_OF_TURN
 from ctu.text.tokenizer import load_tokenizer
-from ctu.train import CHECKPOINT_DIR, TOKENIZER_DIR  # the workdir layout, names only
+from ctu.train import CHECKPOINT_DIR  # the workdir layout, names only
 
 CHECKPOINT_PREFIX = "checkpoint:"
 HF_PREFIX = "hf:"
@@ -237,8 +238,9 @@ def _choose_step(workdir: str, step: int | None) -> int:
 
 
 def _run_tokenizer(workdir: str, settings: RunSettings):
-    path = settings.model["tokenizer"] or os.path.join(workdir, TOKENIZER_DIR)
-    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+    """The tokenizer the run trained with, found by the rule training follows."""
+    path = workdir_lib.tokenizer_dir(settings.model, workdir)
+    if not os.path.exists(os.path.join(path, "tokenizer_config.json")):
         raise PolicySpecError(
             f"no tokenizer at {path} (the run's tokenizer); the workdir is incomplete"
         )

@@ -12,8 +12,12 @@ were played on. Per step, with dynamic sampling: `dynamic_sampling/generated` gr
 nothing; `samples_at(step)` is the sum over steps 1..step.
 
 Runs are grouped by algorithm: the loss and whether feedback guidance is on
-(`algorithm.feedback_guidance.enable`), e.g. "DAPO + feedback" vs "DAPO"; the runs of a
-group differ by seed and are aggregated as mean ± standard deviation (over seeds, ddof=0).
+(`algorithm.feedback_guidance.enable`), e.g. "DAPO + feedback" vs "DAPO", and within
+that by every other setting that changes what is trained: runs of one group differ only
+by seed and by how long, where and how often they ran and evaluated
+(`SEED_LIKE_KEYS`), and are aggregated as mean ± standard deviation (over seeds,
+ddof=0). Where runs of one algorithm differ in a setting, each group's name says its
+value, e.g. "DAPO (optimizer.learning_rate=0.0001)".
 """
 
 from __future__ import annotations
@@ -27,11 +31,15 @@ import os
 import numpy as np
 
 from ctu.metrics import CONFIG_FILE, METRICS_FILE
+from ctu.workdir import RESUMABLE_KEYS, flatten
 
 EVAL_GLOB = "eval*.json"
 VAL_SUCCESS = "val/success"
 VAL_SCORE = "val/score"
 THRESHOLDS = (0.7, 0.9)
+# Settings in which the runs of one group may differ: the seed, and what a resumed run
+# may change (length, evaluation, logging, devices).
+SEED_LIKE_KEYS = ("seed", *RESUMABLE_KEYS)
 
 
 class RunError(ValueError):
@@ -49,6 +57,7 @@ class Run:
     rows: dict[int, dict]  # step -> merged metrics
     evals: dict[str, dict]  # eval JSON file name -> its metrics
     notes: list[str]  # what is missing, in words
+    config: dict = dataclasses.field(default_factory=dict)  # its config.json
 
     def steps(self, key: str) -> list[int]:
         """Steps whose merged row has a finite value for `key`."""
@@ -140,8 +149,15 @@ def load_run(workdir: str) -> Run:
     config = {}
     config_path = os.path.join(workdir, CONFIG_FILE)
     if os.path.exists(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except json.JSONDecodeError as error:
+            notes.append(f"{name}: {config_path} is not valid JSON ({error}); read without it")
+        if not isinstance(config, dict):
+            if config:
+                notes.append(f"{name}: {config_path} is not a JSON object; read without it")
+            config = {}
     else:
         notes.append(f"{name}: no {CONFIG_FILE}: group, seed, group size unknown")
     rollout = config.get("rollout", {})
@@ -157,9 +173,17 @@ def load_run(workdir: str) -> Run:
     for path in sorted(glob.glob(os.path.join(workdir, EVAL_GLOB))):
         try:
             with open(path, encoding="utf-8") as f:
-                evals[os.path.basename(path)] = json.load(f)
+                metrics = json.load(f)
         except json.JSONDecodeError as error:
             notes.append(f"{name}: {os.path.basename(path)} is not valid JSON ({error}); skipped")
+            continue
+        if isinstance(metrics, dict):
+            evals[os.path.basename(path)] = metrics
+        else:
+            notes.append(
+                f"{name}: {os.path.basename(path)} is not a JSON object (launch.evaluate "
+                "writes one); skipped"
+            )
     run = Run(
         workdir=workdir,
         name=name,
@@ -170,6 +194,7 @@ def load_run(workdir: str) -> Run:
         rows=rows,
         evals=evals,
         notes=notes,
+        config=config,
     )
     if rows and not run.steps(VAL_SUCCESS):
         notes.append(f"{name}: no {VAL_SUCCESS} in {METRICS_FILE}: no learning curve")
@@ -181,11 +206,52 @@ def load_run(workdir: str) -> Run:
     return run
 
 
+def _trained_settings(config: dict) -> dict[str, str]:
+    """The run's settings but the seed-like ones, dotted, each as JSON text."""
+    return {
+        key: json.dumps(value)
+        for key, value in flatten(config).items()
+        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in SEED_LIKE_KEYS)
+    }
+
+
 def groups_of(runs: list[Run]) -> dict[str, list[Run]]:
-    out: dict[str, list[Run]] = {}
+    """Group name -> its runs. Runs of one algorithm (`group_name`) that differ in a
+    setting other than `SEED_LIKE_KEYS` go to separate groups, each named with its
+    values of the settings that differ (those every run's config.json holds; a setting
+    newer than some runs' files is not compared). Sets each run's `group` to its name."""
+    by_algorithm: dict[str, list[Run]] = {}
     for run in runs:
-        out.setdefault(run.group, []).append(run)
+        by_algorithm.setdefault(group_name(run.config) if run.config else "unknown", []).append(run)
+    out: dict[str, list[Run]] = {}
+    for algorithm, members in by_algorithm.items():
+        settings = [_trained_settings(run.config) for run in members]
+        shared = set.intersection(*(set(s) for s in settings))
+        differing = sorted(k for k in shared if len({s[k] for s in settings}) > 1)
+        for run, values in zip(members, settings, strict=True):
+            if differing:
+                named = ", ".join(f"{k}={json.loads(values[k])}" for k in differing)
+                run.group = f"{algorithm} ({named})"
+            else:
+                run.group = algorithm
+            out.setdefault(run.group, []).append(run)
     return out
+
+
+def shared_seeds(groups: dict[str, list[Run]]) -> list[str]:
+    """Notes for groups in which runs share a seed: they are not independent seeds."""
+    notes = []
+    for group, members in sorted(groups.items()):
+        by_seed: dict = {}
+        for run in members:
+            by_seed.setdefault(run.seed, []).append(run.name)
+        for seed, names in sorted(by_seed.items(), key=str):
+            if len(names) > 1 and seed is not None:
+                notes.append(
+                    f"group {group}: runs {', '.join(names)} share seed {seed}; its spread "
+                    "is not a spread over seeds"
+                )
+    return notes
 
 
 # ---- numbers per run --------------------------------------------------------------------

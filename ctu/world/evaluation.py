@@ -82,6 +82,7 @@ class EpisodeResult:
     auth_collected: float | None = None  # share of the needed auth fields collected
     minimal_actions: int | None = None  # the oracle's action count for the task
     over_collected: int | None = None  # fields asked for in a form that the task never needs
+    completed: bool | None = None  # every request served (penalties or not)
 
     @property
     def success(self) -> bool:
@@ -258,6 +259,7 @@ def behaviour_fields(world: data.World, task: data.Task, steps, partial_scores: 
         "auth_collected": float(partial_scores["auth_collected"]),
         "minimal_actions": minimal_actions(world, task),
         "over_collected": len(requested - set(task.required_auth_fields)),
+        "completed": partial_scores["requests_served"] >= 1.0,
     }
 
 
@@ -319,7 +321,9 @@ def behaviour(results: Sequence[EpisodeResult]) -> dict:
     info_gathering_completeness: mean share of the needed auth fields collected;
     call_order_correctness: share of phone calls not refused for an unmet
     prerequisite; tool_call_efficiency: mean of minimal / actual actions over the
-    successful episodes (a short failed episode is not efficient, just short);
+    episodes that served every request (a short failed episode is not efficient, just
+    short; a success has no needless action by the reward's definition, so successes
+    alone would always give 1);
     over_collection_rate: share of episodes whose form asked for a field the task
     does not need; malformed_call_rate: share of actions that were malformed tool calls.
     """
@@ -333,7 +337,7 @@ def behaviour(results: Sequence[EpisodeResult]) -> dict:
         "info_gathering_completeness": _mean(r.auth_collected for r in recorded),
         "call_order_correctness": 1.0 - phone_refusals / phone_calls if phone_calls else None,
         "tool_call_efficiency": _mean(
-            min(1.0, r.minimal_actions / r.num_actions) for r in recorded if r.success
+            min(1.0, r.minimal_actions / r.num_actions) for r in recorded if r.completed
         ),
         "over_collection_rate": _mean(
             r.over_collected > 0 for r in recorded if r.over_collected is not None
