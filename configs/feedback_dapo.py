@@ -47,7 +47,8 @@ def get_config(arg=None):
     # and set 0 with model.init=hf:PATH.
     scratch = arg.model == "tiny"
     config.model.smear = 6 if scratch else 0
-    # "" builds a BPE tokenizer from the world into WORKDIR/tokenizer; else a HF folder.
+    # A HF tokenizer folder; "": a model.init=hf:PATH checkpoint's own, else a BPE
+    # tokenizer built from the world into WORKDIR/tokenizer.
     config.model.tokenizer = ""
     config.model.tokenizer_vocab_size = 2048
     config.model.tokenizer_episodes = 200  # scripted episodes added to its training text

@@ -323,6 +323,9 @@ def fingerprint(
         architecture.pop(key, None)
     settings = dataclasses.asdict(config)
     settings.pop("enable")
+    settings.pop("length_bucket")  # padding only
+    # A kind of turn not named weighs 1: named at 1 or not named is the same.
+    settings["turn_weights"] = {k: float(w) for k, w in config.turn_weights.items() if w != 1.0}
     return {
         "model": architecture,
         "warm_start": settings,
@@ -349,8 +352,11 @@ def warm_start(
     seed: int,
     log=print,
     max_new_tokens: int | None = None,
+    allow_other_settings: bool = False,
 ) -> nnx.Module:
-    """Fine-tunes `model` on heuristic demonstrations, or reuses WORKDIR/warm_start.
+    """Fine-tunes `model` on heuristic demonstrations, or reuses WORKDIR/warm_start
+    when it was trained under the same settings (`fingerprint`; an error otherwise,
+    a warning with `allow_other_settings`).
 
     `max_new_tokens` is the rollouts' per-turn limit: a warning names the demonstrated
     turns longer than it, which the policy could never finish.
@@ -366,7 +372,11 @@ def warm_start(
             out,
             WARM_START_SETTINGS,
             settings,
-            remedy=f"delete {out} to train one under these settings, or use a new --workdir",
+            remedy=(
+                f"delete {out} to train one under these settings, use a new --workdir, or "
+                "pass --allow_config_change (launch.train) to reuse it anyway"
+            ),
+            allow=allow_other_settings,
         )
         log(f"warm start: reusing {out}")
         restored, _ = from_hf(

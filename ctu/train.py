@@ -69,6 +69,15 @@ def _tokenizer(settings: RunSettings, workdir: str):
     if settings.model["tokenizer"]:
         return load_tokenizer(path)
     init = settings.model["init"]
+    built = os.path.join(workdir, TOKENIZER_DIR)
+    if init.startswith("hf:") and path == built:
+        logging.warning(
+            "model.init=%s: keeping %s, the world tokenizer an older ctu built for this run "
+            "(a new run uses the checkpoint's own)",
+            init,
+            built,
+        )
+        return load_tokenizer(path)
     if init.startswith("hf:"):
         if not os.path.exists(os.path.join(path, "tokenizer_config.json")):
             raise ValueError(
@@ -170,7 +179,7 @@ def rollout_engines(s: Setup, model: nnx.Module) -> tuple[RolloutEngine, Rollout
     return engine, engine.with_sampling(dataclasses.replace(sampling, temperature=0.0))
 
 
-def _warm_start(s: Setup) -> nnx.Module:
+def _warm_start(s: Setup, *, allow_other_settings: bool = False) -> nnx.Module:
     # A warm start that is reused keeps the logs of the run that trained it.
     logs = os.path.join(s.workdir, "warm_start_logs")
     reusing = sft.saved_warm_start(s.workdir)
@@ -189,6 +198,7 @@ def _warm_start(s: Setup) -> nnx.Module:
             seed=s.settings.seed,
             log=logging.info,
             max_new_tokens=s.settings.rollout.sampling.max_new_tokens,
+            allow_other_settings=allow_other_settings,
         )
     finally:
         writer.close()
@@ -197,8 +207,13 @@ def _warm_start(s: Setup) -> nnx.Module:
 def run_sft(config, workdir: str) -> nnx.Module:
     """The warm start alone (`python -m launch.sft`)."""
     s = setup(config, workdir)
-    metrics_lib.save_config(workdir, config)
-    return _warm_start(s)
+    model = _warm_start(s)
+    # The warm start's own record; WORKDIR/config.json only for a new workdir, as a run
+    # that already trained there is resumed against its own.
+    metrics_lib.save_config(os.path.join(workdir, "warm_start_logs"), config)
+    if not os.path.exists(os.path.join(workdir, metrics_lib.CONFIG_FILE)):
+        metrics_lib.save_config(workdir, config)
+    return model
 
 
 # ---- data order ----------------------------------------------------------------------
@@ -346,8 +361,9 @@ def check_resumable(config, workdir: str, *, allow_config_change: bool = False) 
     path = os.path.join(workdir, metrics_lib.CONFIG_FILE)
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
+    # Settings newer than the saved file take their defaults: a run that predates a
+    # setting ran as its default does.
+    saved, _ = workdir_lib.saved_config(path)
     diff = workdir_lib.changes(saved, config.to_dict(), allowed=workdir_lib.RESUMABLE_KEYS)
     if not diff:
         return
@@ -382,7 +398,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     # term copies its reference from the model the learner is built on: the policy RL
     # began from, so the warm start again (reused from the workdir, not retrained).
     warm = settings.warm_start.enable and (not resuming or settings.train.needs_reference)
-    model = _warm_start(s) if warm else s.model
+    model = _warm_start(s, allow_other_settings=allow_config_change) if warm else s.model
     learner = Learner(settings.train, model, s.mesh)
 
     # Restore.

@@ -34,6 +34,11 @@ RESUMABLE_KEYS = (
     "mesh.",
     "rollout.cpu_devices",
     "rollout.vllm_gpu_memory_utilization",
+    # The same gradient in more, smaller pieces; padding (one compilation per length).
+    "optimizer.num_micro_batches",
+    "optimizer.length_bucket",
+    "warm_start.length_bucket",
+    "algorithm.feedback_guidance.llm_base_url",
     "algorithm.feedback_guidance.llm_timeout_s",
 )
 
@@ -43,14 +48,42 @@ TOKENIZER_DIR = "tokenizer"
 
 def tokenizer_dir(model: Mapping[str, Any], workdir: str) -> str:
     """Where a run's tokenizer lives, from its `model` settings: `model.tokenizer` if
-    set; else a checkpoint's own (`model.init=hf:PATH`); else WORKDIR/tokenizer, the
-    world tokenizer the run built."""
+    set; else WORKDIR/tokenizer, the world tokenizer the run built, if there is one;
+    else, for `model.init=hf:PATH`, the checkpoint's own (an older ctu built a world
+    tokenizer for such runs too, and they keep it)."""
     if model.get("tokenizer"):
         return model["tokenizer"]
+    built = os.path.join(workdir, TOKENIZER_DIR)
     init = model.get("init", "scratch")
-    if init.startswith("hf:"):
+    if init.startswith("hf:") and not os.path.exists(os.path.join(built, "tokenizer.json")):
         return init[3:]
-    return os.path.join(workdir, TOKENIZER_DIR)
+    return built
+
+
+def add_missing(config, defaults, prefix: str = "") -> dict[str, Any]:
+    """Copies into `config` (a ConfigDict or dict, in place) every key of `defaults` it
+    lacks, at any depth; returns them, dotted, with the values added."""
+    added = {}
+    for key, default in defaults.items():
+        if key not in config:
+            config[key] = default
+            added[prefix + key] = default.to_dict() if hasattr(default, "to_dict") else default
+        elif isinstance(default, Mapping) and isinstance(config[key], Mapping):
+            added.update(add_missing(config[key], default, f"{prefix}{key}."))
+    return added
+
+
+def saved_config(path: str) -> tuple[dict, dict[str, Any]]:
+    """The config a run saved at `path` (its config.json), with the settings added to
+    ctu since then filled in with their defaults (configs/feedback_dapo.py, for the
+    run's model preset), and those settings, dotted."""
+    from configs import feedback_dapo  # every shipped config is feedback_dapo's, changed
+
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    preset = config.get("model", {}).get("preset")
+    defaults = feedback_dapo.get_config(f"model={preset}" if preset else None).to_dict()
+    return config, add_missing(config, defaults)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -64,18 +97,26 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+ABSENT = "<absent>"
+
+
 def changes(
-    saved: Mapping[str, Any], current: Mapping[str, Any], *, allowed: Iterable[str] = ()
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    *,
+    allowed: Iterable[str] = (),
+    strict: bool = False,
 ) -> dict[str, tuple[Any, Any]]:
     """Dotted keys whose values differ, as (saved, current), leaving out `allowed` keys
-    (or sections, ending in ".") and keys one side lacks (settings newer than the
-    saved file take their defaults; see policy_loading.read_run_config)."""
+    (or sections, ending in "."). A key one side lacks is a difference (shown as
+    ABSENT) when `strict`, else left out (a setting ctu no longer has)."""
     allowed = tuple(allowed)
     old, new = flatten(saved), flatten(current)
+    keys = old.keys() | new.keys() if strict else old.keys() & new.keys()
     return {
-        key: (old[key], new[key])
-        for key in sorted(old.keys() & new.keys())
-        if old[key] != new[key]
+        key: (old.get(key, ABSENT), new.get(key, ABSENT))
+        for key in sorted(keys)
+        if old.get(key, ABSENT) != new.get(key, ABSENT)
         and not any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed)
     }
 
@@ -92,18 +133,28 @@ def write_json(path: str, data: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def check_reuse(folder: str, filename: str, wanted: Mapping[str, Any], *, remedy: str) -> None:
-    """Raises ValueError when `folder/filename` records settings other than `wanted`.
+def check_reuse(
+    folder: str, filename: str, wanted: Mapping[str, Any], *, remedy: str, allow: bool = False
+) -> None:
+    """Raises ValueError when `folder/filename` records settings other than `wanted`
+    (logs them instead when `allow`).
 
     `remedy` says how to start afresh. A folder without the file was written by an
-    older ctu: reused, with a warning.
+    older ctu (or cut short before its last write): reused, with a warning.
     """
     path = os.path.join(folder, filename)
     if not os.path.exists(path):
-        logging.warning("%s has no %s (an older ctu): reusing it unchecked", folder, filename)
+        logging.warning(
+            "%s has no %s (an older ctu, or cut short): reusing it unchecked", folder, filename
+        )
         return
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
-    diff = changes(saved, wanted)
-    if diff:
-        raise ValueError(f"{folder} was made with other settings ({describe(diff)}); {remedy}")
+    diff = changes(saved, wanted, strict=True)
+    if not diff:
+        return
+    message = f"{folder} was made with other settings ({describe(diff)})"
+    if allow:
+        logging.warning("%s; reused anyway (--allow_config_change)", message)
+        return
+    raise ValueError(f"{message}; {remedy}")

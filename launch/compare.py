@@ -4,7 +4,8 @@ failure modes (PNG) and a markdown summary with sample efficiency.
     python -m launch.compare runs/feedback_dapo_s0 runs/feedback_dapo_s1 \
         runs/baseline_dapo_s0 runs/baseline_dapo_s1 --out=runs/compare
 
-Runs are grouped by algorithm (config.json) with seeds as mean ± std; evaluation JSONs
+Runs are grouped by algorithm (config.json) and every other setting that changes what
+is trained (ctu.analysis.runs.groups_of), with seeds as mean ± std; evaluation JSONs
 are read from WORKDIR/eval*.json (`launch.evaluate --out=WORKDIR/eval_val.json`).
 What is drawn and counted: ctu/analysis/compare.py.
 """

@@ -6,8 +6,10 @@ in-process sampler (`ctu.sampling.session`), their behaviour log-probs, group
 advantages (`ctu.rl.advantages`) and DAPO updates (`ctu.rl.train_step.Learner`, two
 mini-batch steps per batch, so the second is off-policy and clipped) together raise the
 mean reward of a contextual bandit from chance, and the same loop with the advantages
-negated drives it below chance. A sign error, a one-token shift between the sampler's
-tokens and the learner's log-probs, or rewards credited to the wrong group fails it.
+negated drives it below chance. The sampler's log-probs are the behaviour policy's and
+must equal the learner's for the same tokens. A sign error, a one-token shift between
+the sampler's tokens and the learner's log-probs, or rewards credited to the wrong
+group fails it.
 """
 
 import jax
@@ -38,6 +40,13 @@ def _rewards(generated: np.ndarray) -> np.ndarray:
     return (generated % CLASSES == TARGETS[:, None, None]).mean(-1)
 
 
+def _only_tokens(tokens: np.ndarray) -> train_step.RolloutBatch:
+    zeros = np.zeros(tokens.shape, np.float32)
+    return train_step.RolloutBatch(
+        tokens=tokens, mask=zeros, advantages=zeros[:, 0], old_logp=zeros
+    )
+
+
 def _run(sign: float) -> list[float]:
     """Mean reward of each step's rollouts, training on `sign` x the advantages."""
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
@@ -45,6 +54,9 @@ def _run(sign: float) -> list[float]:
     config = train_step.TrainConfig(
         loss="dapo",
         num_mini_batches=2,
+        # The sampler's log-probs are the behaviour policy's, as they are for guided rows
+        # and for vLLM rollouts: a misalignment between them and the learner's shows.
+        recompute_old_logp=False,
         optim=OptimConfig(learning_rate=1e-2, eps=1e-6, warmup_steps=0),
     )
     learner = train_step.Learner(config, model, mesh)
@@ -78,6 +90,9 @@ def _run(sign: float) -> list[float]:
         mask[:, PROMPT_LEN : PROMPT_LEN + NEW_TOKENS] = 1.0
         old_logp = np.zeros((rows, length), np.float32)
         old_logp[:, PROMPT_LEN : PROMPT_LEN + NEW_TOKENS] = out.logprobs[:rows, :NEW_TOKENS]
+        # What the sampler reported is what the learner computes for the same tokens.
+        learner_logp, _ = learner.compute_logp(learner.shard_batch(_only_tokens(tokens)).tokens)
+        np.testing.assert_allclose(np.asarray(learner_logp) * mask, old_logp, atol=1e-4)
         advantages = np.asarray(advantages_lib.group_advantages("grpo", rewards)).reshape(-1)
         batch = train_step.RolloutBatch(
             tokens=tokens, mask=mask, advantages=sign * advantages, old_logp=old_logp

@@ -530,6 +530,22 @@ def test_resuming_under_a_config_that_trains_something_else_is_refused(smoke_run
     train.check_resumable(changed, workdir, allow_config_change=True)  # logs instead
 
 
+def test_a_setting_newer_than_the_saved_config_counts_as_its_default(smoke_run, tmp_path):
+    """A run whose config.json predates a setting ran as its default does: resuming it
+    with the default is fine, with another value refused."""
+    config, workdir, _ = smoke_run
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved = json.load(f)
+    del saved["algorithm"]["reward"]  # as an older ctu wrote it
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(saved, f)
+    train.check_resumable(config, str(tmp_path))  # reward=score, the default
+    changed = config.copy_and_resolve_references()
+    changed.algorithm.reward = "success"
+    with pytest.raises(ValueError, match=r"algorithm\.reward: 'score' -> 'success'"):
+        train.check_resumable(changed, str(tmp_path))
+
+
 def _workdir_without_checkpoints(smoke_run, tmp_path):
     _, workdir, _ = smoke_run
     for name in ("tokenizer", "warm_start", "warm_start_logs"):
@@ -547,10 +563,27 @@ def test_a_warm_start_is_reused_only_under_its_own_settings(smoke_run, tmp_path)
     train.run_sft(config, workdir)  # the same settings: reused, its logs kept
     assert os.stat(weights).st_mtime_ns == before
     assert read_jsonl(logs) == rows and rows
+    # A later launch.sft on a workdir that has a config keeps it: a run trained there
+    # is resumed against its own; the warm start's record is in its logs.
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved = f.read()
+    changed = config.copy_and_resolve_references()
+    changed.optimizer.learning_rate = 1.0  # not a warm-start setting: reused
+    train.run_sft(changed, workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert f.read() == saved
+    with open(os.path.join(workdir, "warm_start_logs", "config.json")) as f:
+        assert json.load(f)["optimizer"]["learning_rate"] == 1.0
     changed = config.copy_and_resolve_references()
     changed.warm_start.steps = 5
     with pytest.raises(ValueError, match=r"warm_start\.steps: 2 -> 5.*delete"):
         train.run_sft(changed, workdir)
+    changed = config.copy_and_resolve_references()
+    changed.warm_start.turn_weights.respond = 0.0
+    with pytest.raises(ValueError, match=r"turn_weights\.respond: '<absent>' -> 0\.0"):
+        train.run_sft(changed, workdir)
+    # Allowed (launch.train --allow_config_change): reused, with a warning.
+    train._warm_start(train.setup(changed, workdir), allow_other_settings=True)
     changed = config.copy_and_resolve_references()
     changed.model.tokenizer_vocab_size = 1024  # the workdir's tokenizer has other settings
     with pytest.raises(ValueError, match=r"tokenizer_vocab_size: 2048 -> 1024"):
@@ -578,6 +611,16 @@ def test_a_checkpoint_comes_with_its_own_tokenizer(smoke_run, tmp_path):
     model = dict(settings.model, init=f"hf:{bare}", smear=0)
     with pytest.raises(ValueError, match="model.tokenizer"):
         train._tokenizer(dataclasses.replace(settings, model=model), str(tmp_path))
+    # An older ctu built a world tokenizer for hf: runs too; such a workdir keeps it.
+    older = tmp_path / "older"
+    shutil.copytree(os.path.join(workdir, "tokenizer"), older / "tokenizer")
+    settings_old = dataclasses.replace(settings, model=model)
+    built = train.load_tokenizer(str(older / "tokenizer"))
+    for found in (
+        train._tokenizer(settings_old, str(older)),
+        policy_loading._run_tokenizer(str(older), settings_old),
+    ):
+        assert found.get_vocab() == built.get_vocab()
 
 
 def test_the_evaluation_is_named_by_its_split(monkeypatch):

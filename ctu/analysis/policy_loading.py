@@ -151,12 +151,8 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
             f"{workdir} has no {CONFIG_FILE}: not a training workdir; start one with "
             f"`python -m launch.train --config=configs/feedback_dapo.py --workdir={workdir}`"
         )
-    with open(path, encoding="utf-8") as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    from configs import feedback_dapo  # every shipped config is feedback_dapo's, changed
-
-    preset = config.get("model", {}).get("preset")  # a preset's defaults (e.g. its smear)
-    added = _add_missing(config, feedback_dapo.get_config(f"model={preset}" if preset else None))
+    saved, added = workdir_lib.saved_config(path)
+    config = ml_collections.ConfigDict(saved)
     if added:
         logging.warning(
             "%s predates settings this version of ctu reads; they take their defaults, "
@@ -165,21 +161,6 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
             ", ".join(f"{k}={v!r}" for k, v in added.items()),
         )
     return config
-
-
-def _add_missing(config, defaults, prefix: str = "") -> dict[str, Any]:
-    """Copies into `config` (in place) every key of `defaults` it lacks, at any depth;
-    returns them, dotted, with the values added."""
-    added = {}
-    for key, default in defaults.items():
-        if key not in config:
-            config[key] = default
-            added[prefix + key] = default.to_dict() if hasattr(default, "to_dict") else default
-        elif isinstance(default, ml_collections.ConfigDict) and isinstance(
-            config[key], ml_collections.ConfigDict
-        ):
-            added.update(_add_missing(config[key], default, f"{prefix}{key}."))
-    return added
 
 
 def _run_settings(workdir: str, config: ml_collections.ConfigDict) -> RunSettings:

@@ -14,7 +14,7 @@ nothing; `samples_at(step)` is the sum over steps 1..step.
 Runs are grouped by algorithm: the loss and whether feedback guidance is on
 (`algorithm.feedback_guidance.enable`), e.g. "DAPO + feedback" vs "DAPO", and within
 that by every other setting that changes what is trained: runs of one group differ only
-by seed and by how long, where and how often they ran and evaluated
+by seed and by how long, where and how often they ran, logged and evaluated
 (`SEED_LIKE_KEYS`), and are aggregated as mean ± standard deviation (over seeds,
 ddof=0). Where runs of one algorithm differ in a setting, each group's name says its
 value, e.g. "DAPO (optimizer.learning_rate=0.0001)".
@@ -38,8 +38,9 @@ VAL_SUCCESS = "val/success"
 VAL_SCORE = "val/score"
 THRESHOLDS = (0.7, 0.9)
 # Settings in which the runs of one group may differ: the seed, and what a resumed run
-# may change (length, evaluation, logging, devices).
-SEED_LIKE_KEYS = ("seed", *RESUMABLE_KEYS)
+# may change (length, logging, devices), but for the evaluation: runs evaluated on
+# other tasks are not seeds of one curve.
+SEED_LIKE_KEYS = ("seed", *(key for key in RESUMABLE_KEYS if key != "eval."))
 
 
 class RunError(ValueError):

@@ -3,7 +3,8 @@
 Pure functions on logits `[batch, vocab]`, used inside the jitted decode loop. The
 distribution sampled from is softmax(logits / temperature) restricted to the top-k
 tokens, then to the smallest prefix (by descending probability) whose mass reaches
-top_p, and renormalised. Reported log-probs are under that distribution; see
+top_p, less the tokens tied with the first one left out (`_candidates`), and
+renormalised. Reported log-probs are under that distribution; see
 `SamplingConfig` for greedy decoding.
 """
 

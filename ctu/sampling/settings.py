@@ -19,7 +19,8 @@ class SamplingConfig:
 
     Log-probabilities reported by the sampler are those of the distribution actually
     sampled from: log_softmax of (logits / temperature) restricted to the top-k / top-p
-    set and renormalised there. With the RL default (temperature 1, top_p 1, top_k 0)
+    set and renormalised there (less any token tied with the first one left out:
+    `filters.support_floor` can then describe the set exactly). With the RL default (temperature 1, top_p 1, top_k 0)
     this is exactly log_softmax(logits), what the trainer recomputes. Greedy decoding
     (temperature 0) samples from a point mass, so it reports the raw model log-prob
     log_softmax(logits) (temperature 1, unfiltered) of the argmax token instead.
