@@ -272,10 +272,28 @@ def _parse_failure_rate(records) -> float:
     return sum(r.num_parse_failures for r in records) / max(sum(r.num_turns for r in records), 1)
 
 
-def rollout_metrics(groups, group_size: int) -> dict[str, float]:
+def rollout_metrics(
+    groups, group_size: int, *, start_rollout: int | None = None, feedback_groups=None
+) -> dict[str, float]:
     """Batch reward metrics, success by rollout position, parse failures, and the share
-    of rollouts ending in each failure type (`failure/missing_auth`, ...)."""
+    of rollouts ending in each failure type (`failure/missing_auth`, ...).
+
+    Success and parse failures are also split three ways: `first_try`, the rollouts
+    that could not have read a critique (before `start_rollout`, or in a group not
+    eligible for feedback: `feedback_groups[i]` False; all of them when
+    `start_rollout` is None, feedback off); `with_feedback`, those that read one; and
+    `unguided_later`, the later rollouts of feedback groups that had no failure to read
+    about (every earlier rollout succeeded, so their tasks are easier than most).
+    """
     records = [r for g in groups for r in g]
+    eligible = [True] * len(groups) if feedback_groups is None else list(feedback_groups)
+    first_try, later = [], []
+    for group, can_read in zip(groups, eligible, strict=True):
+        for r in group:
+            if start_rollout is None or not can_read or r.rollout < start_rollout:
+                first_try.append(r)
+            elif not r.guided:
+                later.append(r)
     out = {
         "reward/mean": float(np.mean([r.reward for r in records])),
         "success/rate": float(np.mean([r.success for r in records])),
@@ -293,7 +311,8 @@ def rollout_metrics(groups, group_size: int) -> dict[str, float]:
             out[f"success_at_rollout/{k}"] = float(np.mean(at_k))
     for name, subset in (
         ("with_feedback", [r for r in records if r.guided]),
-        ("first_try", [r for r in records if not r.guided]),
+        ("first_try", first_try),
+        ("unguided_later", later),
     ):
         if subset:
             out[f"success/{name}"] = float(np.mean([r.success for r in subset]))
@@ -468,8 +487,18 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
             # Metrics.
             waves = [w for result in sampler.results for w in result.waves]
             runs = [w.run for w in waves]
+            feedback = settings.algorithm.feedback
             scalars = {
-                **rollout_metrics(all_groups, settings.rollout.groups.num_rollouts),
+                **rollout_metrics(
+                    all_groups,
+                    settings.rollout.groups.num_rollouts,
+                    start_rollout=feedback.start_rollout if feedback.enable else None,
+                    feedback_groups=[
+                        i in result.feedback_groups
+                        for result in sampler.results
+                        for i in range(len(result.groups))
+                    ],
+                ),
                 **ds_stats,
                 **batch_stats,
                 **update_metrics,

@@ -231,7 +231,7 @@ def test_rollout_metrics_split_first_tries_from_guided_rollouts():
         [episode(1, False, 0, 2, 2), episode(2, True, 0, 2, 2, "over_collection")]
         + [episode(3, True, 0, 0, 4)],
     ]
-    out = train.rollout_metrics(groups, group_size=3)
+    out = train.rollout_metrics(groups, group_size=3, start_rollout=2)
     failures = {k: v for k, v in out.items() if k.startswith("failure/")}
     assert failures == {"failure/missing_auth": 3 / 6, "failure/over_collection": 1 / 6}
     assert out["parse_failure_rate"] == pytest.approx(8 / 20)
@@ -241,6 +241,17 @@ def test_rollout_metrics_split_first_tries_from_guided_rollouts():
     assert [out[f"success_at_rollout/{k}"] for k in (1, 2, 3)] == [0.5, 0.0, 0.5]
     plain = train.rollout_metrics([[g[0]] for g in groups], group_size=3)
     assert "parse_failure_rate/with_feedback" not in plain and "success_at_rollout/2" not in plain
+    # A rollout with no critique because every earlier one succeeded is no first try:
+    # its task is an easy one. Groups not eligible for feedback (mix) are all first tries.
+    easy = [episode(1, False, 1, 0, 4), episode(2, False, 1, 0, 4), episode(3, True, 0, 0, 4)]
+    hard = [episode(k, False, 0, 0, 4) for k in (1, 2, 3)]
+    out = train.rollout_metrics(
+        [easy, hard], group_size=3, start_rollout=2, feedback_groups=[True, False]
+    )
+    assert out["success/first_try"] == 0.25  # easy's first and hard's three
+    assert out["success/unguided_later"] == 1.0 and out["success/with_feedback"] == 0.0
+    baseline = train.rollout_metrics([easy[:2], hard], group_size=3)  # feedback off
+    assert baseline["success/first_try"] == 0.4 and "success/unguided_later" not in baseline
 
 
 # ---- batching ----------------------------------------------------------------------
