@@ -245,6 +245,16 @@ def test_training_failure_modes_include_the_successes(three_runs):
     assert shares["base_s0: training"] == pytest.approx(
         {"success": 0.375, "missing_auth": 0.5, "wrong_order": 0.125}
     )
+    # A run older than the failure metrics has success rates alone: no training bar,
+    # rather than one that reads 100% success.
+    with open(os.path.join(three_runs[0], "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 1, "success/rate": 0.3}) + "\n")
+    shares = compare.failure_shares([runs_lib.load_run(three_runs[0])])
+    assert "fd_s0: training" not in shares
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": 3, "success/rate": 1.0}) + "\n")  # all succeeded
+    shares = compare.failure_shares([runs_lib.load_run(three_runs[2])])
+    assert shares["base_s0: training"]["success"] == pytest.approx((0.75 + 1.0) / 3)
 
 
 def test_missing_data_gives_notes_and_the_plots_that_can_be_made(tmp_path):

@@ -87,12 +87,17 @@ def failure_shares(runs: list[runs_lib.Run]) -> dict[str, dict[str, float]]:
                 out[f"{run.name}: {name}"] = {k: v / total for k, v in counts.items()}
         counts = collections.Counter()
         for row in run.rows.values():
-            if not isinstance(row.get("success/rate"), int | float):
-                continue  # not a training step
-            counts["success"] += row["success/rate"]
-            for key, value in row.items():
-                if key.startswith(FAILURE_METRIC_PREFIX) and isinstance(value, int | float):
-                    counts[key[len(FAILURE_METRIC_PREFIX) :]] += value
+            success = row.get("success/rate")
+            failures = {
+                key[len(FAILURE_METRIC_PREFIX) :]: value
+                for key, value in row.items()
+                if key.startswith(FAILURE_METRIC_PREFIX) and isinstance(value, int | float)
+            }
+            # A training step with its outcomes: failure shares, or all successes. (Runs
+            # older than the failure metrics have neither, and no training bar.)
+            if isinstance(success, int | float) and (failures or success >= 1.0):
+                counts["success"] += success
+                counts.update(failures)
         total = sum(counts.values())
         if total:
             out[f"{run.name}: training"] = {k: v / total for k, v in counts.items()}
