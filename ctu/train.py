@@ -69,16 +69,7 @@ def _tokenizer(settings: RunSettings, workdir: str):
     if settings.model["tokenizer"]:
         return load_tokenizer(path)
     init = settings.model["init"]
-    built = os.path.join(workdir, TOKENIZER_DIR)
-    if init.startswith("hf:") and path == built:
-        logging.warning(
-            "model.init=%s: keeping %s, the world tokenizer an older ctu built for this run "
-            "(a new run uses the checkpoint's own)",
-            init,
-            built,
-        )
-        return load_tokenizer(path)
-    if init.startswith("hf:"):
+    if path != os.path.join(workdir, TOKENIZER_DIR):  # an hf: checkpoint's own
         if not os.path.exists(os.path.join(path, "tokenizer_config.json")):
             raise ValueError(
                 f"model.init={init!r} with model.tokenizer='': a checkpoint's token ids mean "
@@ -87,6 +78,14 @@ def _tokenizer(settings: RunSettings, workdir: str):
                 "with."
             )
         logging.info("using the checkpoint's tokenizer, %s", path)
+        return load_tokenizer(path)
+    if init.startswith("hf:"):  # tokenizer_dir found one an older ctu built
+        logging.warning(
+            "model.init=%s: keeping %s, the world tokenizer an older ctu built for this run "
+            "(a new run uses the checkpoint's own)",
+            init,
+            path,
+        )
         return load_tokenizer(path)
     wanted = {
         key: settings.model[key]

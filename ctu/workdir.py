@@ -100,6 +100,12 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 ABSENT = "<absent>"
 
 
+def covered(key: str, patterns: Iterable[str]) -> bool:
+    """Whether dotted `key` is one of `patterns` or inside a section among them (a
+    pattern ending in ".")."""
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+
+
 def changes(
     saved: Mapping[str, Any],
     current: Mapping[str, Any],
@@ -116,8 +122,7 @@ def changes(
     return {
         key: (old.get(key, ABSENT), new.get(key, ABSENT))
         for key in sorted(keys)
-        if old.get(key, ABSENT) != new.get(key, ABSENT)
-        and not any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed)
+        if old.get(key, ABSENT) != new.get(key, ABSENT) and not covered(key, allowed)
     }
 
 

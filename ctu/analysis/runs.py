@@ -31,7 +31,7 @@ import os
 import numpy as np
 
 from ctu.metrics import CONFIG_FILE, METRICS_FILE
-from ctu.workdir import RESUMABLE_KEYS, flatten
+from ctu.workdir import RESUMABLE_KEYS, covered, flatten
 
 EVAL_GLOB = "eval*.json"
 VAL_SUCCESS = "val/success"
@@ -212,7 +212,7 @@ def _trained_settings(config: dict) -> dict[str, str]:
     return {
         key: json.dumps(value)
         for key, value in flatten(config).items()
-        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in SEED_LIKE_KEYS)
+        if not covered(key, SEED_LIKE_KEYS)
     }
 
 
